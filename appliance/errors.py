@@ -1,0 +1,35 @@
+"""The few exceptions r1box raises on purpose.
+
+Each is translated once, where it meets a person: the CLI prints its message as one line and exits non-zero; the
+HTTP layer maps it to a status. Messages say what happened and what to do next.
+"""
+
+
+class R1boxError(Exception):
+    """Base class: a failure that has a clear, user-facing explanation."""
+
+    exit_code = 1
+
+
+class ModelSourceError(R1boxError):
+    """A model could not be found, downloaded or verified (unknown name, unreachable source, checksum mismatch)."""
+
+    exit_code = 2
+
+
+class UnsupportedModelError(R1boxError):
+    """The model is readable but not something r1box can export (architecture, GGUF version, tokenizer kind)."""
+
+    exit_code = 3
+
+
+class ExportError(R1boxError):
+    """The export stage failed: the output directory, the ONNX conversion, quantization or the parity check."""
+
+    exit_code = 4
+
+
+class ArtifactError(R1boxError):
+    """An exported artifact is missing files, has a bad manifest, or fails its checksums: the runtime refuses it."""
+
+    exit_code = 5

@@ -1,0 +1,28 @@
+"""Exported artifacts kept in the cache, keyed by the source's checksum and the export settings, so that the
+first `r1box chat` exports and every later one starts at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from appliance.errors import ArtifactError
+from appliance.manifest import load_manifest
+from export.catalog import lookup
+from export.fetch import cache_root
+from export.pipeline import export_model
+from export.progress import say
+from export.quantize import QuantConfig
+
+
+def cached_artifact(name: str, quant: QuantConfig = QuantConfig()) -> Path:
+    entry = lookup(name)
+    key = entry.mirror.sha256[:16] if entry.mirror else "hub"
+    out = cache_root() / "artifacts" / f"{name}-{key}-{quant.tag}"
+    if (out / "manifest.json").is_file():
+        try:
+            load_manifest(out)
+            return out
+        except ArtifactError as e:
+            say(f"cached artifact is damaged, exporting again: {e}")
+    say(f"exporting {name} once into {out}; later starts reuse it")
+    return export_model(name, out, quant, force=True)

