@@ -14,7 +14,7 @@ EXPORT_EXTRA = "this command needs the export stage: pip install 'r1box[export]'
 
 def _export_stage():
     try:
-        import export.pipeline  # noqa: F401  (torch, optimum: present only with the extra)
+        import export.pipeline  # noqa: F401  (torch and transformers: present only with the extra)
     except ImportError as e:
         raise R1boxError(f"{EXPORT_EXTRA} ({e.name} is missing)") from None
 
@@ -47,13 +47,14 @@ def cmd_export(args) -> None:
     from export.quantize import QuantConfig
 
     quant = QuantConfig(precision=args.precision, block_size=args.block_size, symmetric=args.symmetric,
-                        accuracy_level=args.accuracy_level, quantize_embedding=not args.fp32_embedding)
+                        accuracy_level=args.accuracy_level, quantize_embedding=not args.fp32_embedding,
+                        lm_head_bits=args.lm_head_bits)
     export_model(args.source, Path(args.out), quant, min_agreement=args.min_agreement, force=args.force)
 
 
 def _open_artifact(artifact: str | None):
     from appliance.manifest import load_manifest
-    from appliance.model import OnnxDecoder
+    from appliance.model import Decoder
     from appliance.tokenizer import ChatTokenizer
 
     if artifact is None:
@@ -63,7 +64,7 @@ def _open_artifact(artifact: str | None):
 
         artifact = cached_artifact(DEFAULT_MODEL)
     manifest = load_manifest(artifact)
-    return manifest, OnnxDecoder(manifest), ChatTokenizer(manifest)
+    return manifest, Decoder(manifest), ChatTokenizer(manifest)
 
 
 def _stream_reply(manifest, decoder, tokenizer, messages: list[dict], max_tokens: int) -> str:
@@ -71,7 +72,7 @@ def _stream_reply(manifest, decoder, tokenizer, messages: list[dict], max_tokens
 
     ids = tokenizer.encode(tokenizer.render(messages))
     stream, pieces = tokenizer.stream(), []
-    for token in generate(decoder, ids, max_tokens, tokenizer.stop_ids, manifest.arch["context"]):
+    for token in generate(decoder, ids, max_tokens, tokenizer.stop_ids):
         if token in tokenizer.stop_ids:
             break
         piece = stream.push(token)
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits compute type: 4 = int8 activations (fastest on CPU)")
     p.add_argument("--fp32-embedding", action="store_true", help="keep the embedding table unquantized")
+    p.add_argument("--lm-head-bits", type=int, choices=[4, 8], help="bits of the vocabulary projection")
     p.add_argument("--min-agreement", type=float, default=0.9, help="parity gate; 0 keeps any result")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_export)

@@ -1,4 +1,9 @@
-"""An ONNX Runtime session over an artifact's decoder graph, driven only by the manifest's names and shapes."""
+"""An ONNX Runtime session over an artifact's decoder graph, driven only by the manifest's names and shapes.
+
+One call runs one step for a contiguous block of cache slots: a prefill chunk of one sequence, or one decode token
+for each of several sequences. The KV stays in the cache's buffers (bound, never copied); only token ids, the
+attention mask and the last position's logits cross the boundary.
+"""
 
 from __future__ import annotations
 
@@ -9,58 +14,88 @@ import numpy as np
 import onnxruntime as ort
 
 from appliance.errors import ArtifactError
+from appliance.kv_cache import KvCache
 from appliance.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
 _NP = {"float32": np.float32, "float16": np.float16}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-class OnnxDecoder:
-    """One forward step: token ids plus the past KV in, logits plus the present KV out."""
+def pick_provider(wanted: str = "auto") -> str:
+    """'auto' takes CUDA when this onnxruntime build has it, else the CPU; 'cpu' and 'cuda' force one."""
+    available = ort.get_available_providers()
+    if wanted == "auto":
+        return "cuda" if PROVIDERS["cuda"] in available else "cpu"
+    if wanted not in PROVIDERS:
+        raise ArtifactError(f"unknown execution provider {wanted!r}; use auto, cpu or cuda.")
+    if PROVIDERS[wanted] not in available:
+        raise ArtifactError(f"this onnxruntime has no {PROVIDERS[wanted]} (it has {', '.join(available)}); "
+                            "install onnxruntime-gpu for CUDA (just install-gpu) or use provider = \"cpu\".")
+    return wanted
 
-    def __init__(self, manifest: Manifest, threads: int | None = None, providers: list[str] | None = None):
+
+class Decoder:
+    def __init__(self, manifest: Manifest, threads: int | None = None, provider: str = "cpu"):
+        if manifest.kv.kind != "gqa-shared":
+            raise ArtifactError(f"{manifest.directory}: KV layout {manifest.kv.kind!r} is not the shared-buffer "
+                                "layout this runtime drives. Export the model again with this version of r1box.")
         self.manifest = manifest
-        self.io, self.kv = manifest.io, manifest.kv
-        self.layers = len(self.kv.past_key)
+        self.io, kv = manifest.io, manifest.kv
+        self.layers = len(kv.past_key)
         self.kv_heads, self.head_dim = manifest.arch["kv_heads"], manifest.arch["head_dim"]
-        self.kv_dtype = _NP[self.kv.dtype]
+        self.vocab = manifest.arch["vocab"]
+        self.kv_dtype = _NP[kv.dtype]
+        self.kv_names = [pair for layer in range(self.layers) for pair in (
+            (kv.past_key[layer], kv.present_key[layer]), (kv.past_value[layer], kv.present_value[layer]))]
+        self.threads = threads or default_threads()
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or default_threads()
+        options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
-            self.session = ort.InferenceSession(str(manifest.graph_path), options,
-                                                providers=providers or ["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(manifest.graph_path), options, providers=[PROVIDERS[provider]])
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise ArtifactError(f"{manifest.graph_path}: onnxruntime cannot load the graph ({e}). Export the "
-                                "model again with this version of r1box.") from None
-        self.provider = self.session.get_providers()[0]
-        self.output_names = [self.io["logits"]] + [n for pair in zip(self.kv.present_key, self.kv.present_value)
-                                                   for n in pair]
+            raise ArtifactError(f"{manifest.graph_path}: onnxruntime cannot load the graph on {provider} ({e}). "
+                                "Export the model again with this version of r1box.") from None
+        self.provider = provider
+        self.device = "cuda" if provider == "cuda" else "cpu"
 
-    def empty_past(self, batch: int = 1) -> list[np.ndarray]:
-        # [batch, kv_heads, 0, head_dim] for each layer's key and value, in present order
-        shape = (batch, self.kv_heads, 0, self.head_dim)
-        return [np.zeros(shape, self.kv_dtype) for _ in range(2 * self.layers)]
+    def new_cache(self, slots: int, max_length: int) -> KvCache:
+        max_length = min(max_length, self.manifest.arch["context"])
+        return KvCache(self.layers, self.kv_heads, self.head_dim, slots, max_length, self.kv_dtype, self.device)
 
-    def forward(self, input_ids: np.ndarray, past: list[np.ndarray], attention_mask: np.ndarray | None = None
-                ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """input_ids: [B, T]; past: 2·layers arrays [B, kv_heads, P, head_dim] → logits [B, T, V], present (P+T)."""
-        batch, new = input_ids.shape
-        past_len = past[0].shape[2]
-        assert all(p.shape == (batch, self.kv_heads, past_len, self.head_dim) for p in past)
-        if attention_mask is None:
-            attention_mask = np.ones((batch, past_len + new), np.int64)
-        position_ids = np.cumsum(attention_mask, axis=1)[:, past_len:] - 1
-        feeds = {self.io["input_ids"]: input_ids.astype(np.int64), self.io["attention_mask"]: attention_mask,
-                 self.io["position_ids"]: np.maximum(position_ids, 0).astype(np.int64)}
-        for layer in range(self.layers):
-            feeds[self.kv.past_key[layer]] = past[2 * layer]
-            feeds[self.kv.past_value[layer]] = past[2 * layer + 1]
-        logits, *present = self.session.run(self.output_names, feeds)
-        return logits, present
+    def step(self, cache: KvCache, first: int, tokens: np.ndarray, new_lengths: np.ndarray) -> np.ndarray:
+        """Run tokens [rows, S] for slots first..first+rows-1; new_lengths[r] is row r's length after this step.
+
+        Row r's tokens land at positions new_lengths[r]-S … new_lengths[r]-1 of its slot. Returns the logits of
+        each row's last position, [rows, vocab] float32, and advances the cache's lengths.
+        """
+        rows, new = tokens.shape
+        assert new_lengths.shape == (rows,) and int(new_lengths.max()) <= cache.max_length
+        assert np.all(new_lengths - new >= 0)
+        mask = (np.arange(int(new_lengths.max()))[None, :] < new_lengths[:, None]).astype(np.int64)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.io["input_ids"], np.ascontiguousarray(tokens, np.int64))
+        binding.bind_cpu_input(self.io["attention_mask"], mask)
+        binding.bind_output(self.io["logits"], "cpu")
+        cache.bind(binding, self.kv_names, first, rows)
+        self.session.run_with_iobinding(binding)
+        cache.lengths[first:first + rows] = new_lengths
+        return binding.get_outputs()[0].numpy().reshape(rows, -1).astype(np.float32, copy=False)
+
+    def prefill(self, cache: KvCache, slot: int, tokens: list[int] | np.ndarray, chunk: int = 0) -> np.ndarray:
+        """Append tokens to a slot (after whatever it holds), in chunks of `chunk` (0: at once); last logits [vocab]."""
+        tokens = np.asarray(tokens, np.int64)
+        assert tokens.size >= 1
+        chunk = chunk or tokens.size
+        for start in range(0, tokens.size, chunk):
+            part = tokens[start:start + chunk]
+            length = cache.lengths[slot] + part.size
+            logits = self.step(cache, slot, part[None, :], np.array([length]))
+        return logits[0]

@@ -1,46 +1,78 @@
 """The parity check that ends every export: the source model against the artifact on fixed prompts.
 
 Free-running greedy text of an int4 model leaves the fp32 text within a few tokens, so identical output is no
-measure. Instead the source model writes its own greedy continuation, both models read it teacher-forced, and we
-count the positions where their top-1 tokens agree, and the largest logit difference.
+measure. Instead the source model writes its own greedy continuation, and the artifact reads that continuation
+teacher-forced through the runtime's own path (one prefill, then one decode step per token through the KV cache);
+we count the positions where their top-1 tokens agree, and the largest logit difference.
+
+The prompts are what the box is for: code and explanation in English, and the Chinese questions a branch office's
+WeChat users ask. Eight prompts × 32 tokens keep one token's weight in the mean near 0.4 %.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from appliance.model import OnnxDecoder
+from appliance.model import Decoder
 from appliance.tokenizer import ChatTokenizer
 
 PROMPTS = (
     "Write a Python function that checks whether a number is prime.",
     "Explain in two sentences why the sky is blue.",
     "用一句话介绍一下长城。",
+    "我的银行卡丢了，应该怎么办？",
+    "请帮我写一段请假说明，明天我要去医院检查。",
+    "What documents do I need to open a savings account?",
+    "周末营业厅几点开门？如果我不知道，应该怎么回答客户？",
+    "Summarize the benefits of regular exercise in three bullet points.",
 )
 
 
-def parity_report(torch_model, decoder: OnnxDecoder, tokenizer: ChatTokenizer, new_tokens: int = 32) -> dict:
+@dataclass(frozen=True)
+class Reference:
+    prompt: str
+    prompt_ids: list[int]
+    continuation: list[int]
+    logits: np.ndarray  # [len(continuation), vocab]: the source's logits predicting each continuation token
+
+
+def source_references(torch_model, tokenizer: ChatTokenizer, new_tokens: int = 32) -> list[Reference]:
+    """Run before the export frees the torch model: its greedy continuations and logits."""
     import torch
 
-    cases = []
+    refs = []
     for prompt in PROMPTS:
         ids = tokenizer.encode(tokenizer.render([{"role": "user", "content": prompt}]))
         with torch.no_grad():
             full = torch_model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                         do_sample=False, pad_token_id=0)
-            reference = torch_model(full).logits[0].float().numpy()
-        logits, _ = decoder.forward(full.numpy(), decoder.empty_past())
-        # positions len(ids)-1 … end-1 predict the continuation's tokens
-        span = slice(len(ids) - 1, full.shape[1] - 1)
-        ref, got = reference[span], logits[0, span].astype(np.float32)
+            logits = torch_model(full).logits[0, len(ids) - 1:-1].float().numpy()
+        refs.append(Reference(prompt, ids, full[0, len(ids):].tolist(), logits))
+    return refs
+
+
+def parity_report(refs: list[Reference], decoder: Decoder) -> dict:
+    longest = max(len(r.prompt_ids) + len(r.continuation) for r in refs)
+    cache = decoder.new_cache(slots=1, max_length=longest)
+    cases = []
+    for ref in refs:
+        cache.lengths[0] = 0
+        got = [decoder.prefill(cache, 0, ref.prompt_ids)]
+        for token in ref.continuation[:-1]:
+            got.append(decoder.step(cache, 0, np.array([[token]]), cache.lengths[:1] + 1)[0])
+        got = np.stack(got)
         cases.append({
-            "prompt": prompt,
-            "prompt_tokens": len(ids),
-            "agreement": round(float(np.mean(ref.argmax(-1) == got.argmax(-1))), 4),
-            "max_abs_logit_diff": round(float(np.max(np.abs(ref - got))), 4),
+            "prompt": ref.prompt,
+            "prompt_tokens": len(ref.prompt_ids),
+            "agreement": round(float(np.mean(got.argmax(-1) == ref.logits.argmax(-1))), 4),
+            "max_abs_logit_diff": round(float(np.max(np.abs(got - ref.logits))), 4),
         })
+    new_tokens = len(refs[0].continuation)
     return {
-        "method": f"teacher-forced top-1 agreement over {new_tokens} greedy tokens of the source model",
+        "method": f"teacher-forced top-1 agreement over {new_tokens} greedy tokens of the source model, "
+                  "prefill then decode through the KV cache",
         "agreement": round(float(np.mean([c["agreement"] for c in cases])), 4),
         "max_abs_logit_diff": max(c["max_abs_logit_diff"] for c in cases),
         "cases": cases,

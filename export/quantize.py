@@ -16,6 +16,7 @@ from pathlib import Path
 import onnx
 
 from appliance.errors import ExportError
+from export.qwen2_graph import LM_HEAD
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class QuantConfig:
     symmetric: bool = False
     accuracy_level: int = 4  # int8 activations in the matmul kernels on CPU; the fastest there
     quantize_embedding: bool = True
+    lm_head_bits: int | None = None  # None: as the rest; 8 keeps the vocabulary projection finer
 
     @property
     def bits(self) -> int:
@@ -36,30 +38,50 @@ class QuantConfig:
         if self.precision == "fp32":
             return "fp32"
         return (f"{self.precision}-b{self.block_size}-{'sym' if self.symmetric else 'asym'}"
-                f"-acc{self.accuracy_level}{'-emb' if self.quantize_embedding else ''}")
+                f"-acc{self.accuracy_level}{'-emb' if self.quantize_embedding else ''}"
+                f"{f'-head{self.lm_head_bits}' if self.lm_head_bits else ''}")
 
 
-def quantize(fp32_graph: Path, out_graph: Path, config: QuantConfig) -> dict:
-    """Write the quantized graph to out_graph (external data beside it); return the manifest's `quantization`."""
+def quantize(model: onnx.ModelProto, out_graph: Path, config: QuantConfig) -> dict:
+    """Quantize the in-memory fp32 graph, save it to out_graph (external data beside it); return the manifest's
+    `quantization` section. fp32 just saves."""
     if config.precision == "fp32":
-        raise ValueError("fp32 needs no quantization")
+        _save(model, out_graph)
+        return {"method": "none", "precision": "fp32"}
     if config.block_size < 16 or config.block_size & (config.block_size - 1):
         raise ExportError(f"block size {config.block_size} must be a power of two of at least 16.")
+    if config.lm_head_bits not in (None, 4, 8):
+        raise ExportError(f"lm_head bits {config.lm_head_bits} must be 4 or 8.")
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)  # it warns that it raises the opset for int4, which is what we want
+    # it warns that it raises the opset for int4 and lists every node; neither says anything we need
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
+
+    def run(model: onnx.ModelProto, bits: int, op_types: tuple[str, ...], exclude: list[str]) -> onnx.ModelProto:
+        algo = DefaultWeightOnlyQuantConfig(
+            block_size=config.block_size, is_symmetric=config.symmetric, accuracy_level=config.accuracy_level,
+            op_types_to_quantize=op_types, quant_axes=(("MatMul", 0), ("Gather", 1)), bits=bits)
+        quantizer = MatMulNBitsQuantizer(
+            model, bits=bits, block_size=config.block_size, is_symmetric=config.symmetric,
+            accuracy_level=config.accuracy_level, nodes_to_exclude=exclude, algo_config=algo)
+        quantizer.process()
+        return quantizer.model.model
+
+    head_bits = config.lm_head_bits or config.bits
+    if head_bits != config.bits:  # the head first, alone; the second pass then skips it (no longer a MatMul)
+        others = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gather") and n.name != LM_HEAD]
+        model = run(model, head_bits, ("MatMul",), others)
     op_types = ("MatMul", "Gather") if config.quantize_embedding else ("MatMul",)
-    algo = DefaultWeightOnlyQuantConfig(
-        block_size=config.block_size, is_symmetric=config.symmetric, accuracy_level=config.accuracy_level,
-        op_types_to_quantize=op_types, quant_axes=(("MatMul", 0), ("Gather", 1)), bits=config.bits)
-    quantizer = MatMulNBitsQuantizer(
-        onnx.load(str(fp32_graph)), bits=config.bits, block_size=config.block_size, is_symmetric=config.symmetric,
-        accuracy_level=config.accuracy_level, algo_config=algo)
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(out_graph), use_external_data_format=True)
-    ops = Counter(n.op_type for n in quantizer.model.model.graph.node)
+    model = run(model, config.bits, op_types, [])
+    ops = Counter(n.op_type for n in model.graph.node)
     if ops["MatMulNBits"] == 0:
         raise ExportError("quantization produced no MatMulNBits node; the graph has no constant MatMul weights.")
-    return {"method": "MatMulNBits", **asdict(config), "bits": config.bits,
+    _save(model, out_graph)
+    return {"method": "MatMulNBits", **asdict(config), "bits": config.bits, "lm_head_bits": head_bits,
             "nodes": {"MatMulNBits": ops["MatMulNBits"], "GatherBlockQuantized": ops["GatherBlockQuantized"],
                       "MatMul (activations)": ops["MatMul"]}}
+
+
+def _save(model: onnx.ModelProto, out_graph: Path) -> None:
+    onnx.save_model(model, str(out_graph), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=out_graph.name + ".data", size_threshold=1024)

@@ -20,7 +20,8 @@ def test_r1_template_drops_earlier_reasoning(tiny_int4):
     ])
     assert "simple sum" not in prompt
     assert prompt.count("<think>") == 1 and prompt.endswith("<｜Assistant｜><think>\n")
-    assert "<｜Assistant｜>2<｜end▁of▁sentence｜>" in prompt
+    # the template keeps what follows </think> verbatim, the blank line included
+    assert "<｜Assistant｜>\n\n2<｜end▁of▁sentence｜>" in prompt
 
 
 def test_system_prompt_leads(tiny_int4):

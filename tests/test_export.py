@@ -22,7 +22,8 @@ def _ops(artifact):
 
 def test_int4_graph_uses_matmulnbits(tiny_int4):
     ops = _ops(tiny_int4)
-    assert ops["MatMulNBits"] == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer, and lm_head
+    assert ops["MatMulNBits"] == 2 * 4 + 1  # fused qkv, o, fused gate|up, down per layer, and lm_head
+    assert ops["GroupQueryAttention"] == 2
     assert ops["GatherBlockQuantized"] == 1  # the embedding table
 
 
@@ -35,7 +36,8 @@ def test_manifest_describes_the_artifact(tiny_int4):
     assert m["kv_cache"]["present_value"] == ["present.0.value", "present.1.value"]
     inputs = {i["name"]: i for i in m["graph"]["inputs"]}
     assert inputs["input_ids"]["dtype"] == "int64"
-    assert inputs["past_key_values.0.key"]["shape"] == ["batch_size", 2, "past_sequence_length", 16]
+    assert inputs["past_key_values.0.key"]["shape"] == ["batch", 2, "max_length", 16]
+    assert m["kv_cache"]["layout"] == "gqa-shared"
     q = m["quantization"]
     assert (q["method"], q["bits"], q["block_size"], q["symmetric"], q["accuracy_level"]) == \
         ("MatMulNBits", 4, 32, False, 4)
@@ -45,7 +47,7 @@ def test_manifest_describes_the_artifact(tiny_int4):
     assert 151643 in m["chat"]["stop_ids"]
     assert m["tokenizer"]["bos_token"] == "<｜begin▁of▁sentence｜>"
     assert {"torch", "transformers", "onnxruntime"} <= set(m["export"]["tools"])
-    assert set(m["export"]["step_seconds"]) >= {"load weights", "convert to ONNX with KV cache", "parity check"}
+    assert set(m["export"]["step_seconds"]) >= {"load weights", "build the fused decoder graph", "parity check"}
     assert m["model"]["source"]["kind"] == "hf-dir"
 
 
@@ -62,7 +64,7 @@ def test_fp32_artifact_matches_torch_exactly(tiny_fp32):
     parity = read_manifest(tiny_fp32)["parity"]
     assert parity["agreement"] == 1.0
     assert parity["max_abs_logit_diff"] < 1e-3
-    assert len(parity["cases"]) == 3 and parity["passed"]
+    assert len(parity["cases"]) == 8 and parity["passed"]
     assert _ops(tiny_fp32)["MatMulNBits"] == 0
 
 
@@ -75,7 +77,7 @@ def test_int4_parity_is_reported(tiny_int4):
 def test_int8_option(tiny_hf_dir, tmp_path):
     out = export_model(str(tiny_hf_dir), tmp_path / "int8", QuantConfig(precision="int8"), min_agreement=0.0)
     assert read_manifest(out)["quantization"]["bits"] == 8
-    assert _ops(out)["MatMulNBits"] == 15
+    assert _ops(out)["MatMulNBits"] == 9
 
 
 def test_parity_gate_fails_the_export_and_keeps_nothing(tiny_hf_dir, tmp_path):
