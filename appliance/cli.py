@@ -48,64 +48,102 @@ def cmd_export(args) -> None:
 
     quant = QuantConfig(precision=args.precision, block_size=args.block_size, symmetric=args.symmetric,
                         accuracy_level=args.accuracy_level, quantize_embedding=not args.fp32_embedding,
-                        lm_head_bits=args.lm_head_bits)
+                        int8_layers=_int8_layers(args.int8_layers, args.source))
     export_model(args.source, Path(args.out), quant, min_agreement=args.min_agreement, force=args.force)
 
 
-def _open_artifact(artifact: str | None):
-    from appliance.manifest import load_manifest
-    from appliance.model import Decoder
-    from appliance.tokenizer import ChatTokenizer
+def _int8_layers(flag: str | None, source: str) -> tuple[str, ...]:
+    from export.catalog import CATALOG
+
+    if flag is None:
+        return CATALOG[source].int8_layers if source in CATALOG else ()
+    return () if flag == "none" else tuple(f.strip() for f in flag.split(",") if f.strip())
+
+
+def _open_chat(artifact: str | None, max_tokens: int):
+    from appliance.app import open_chat
+    from appliance.config import ModelConfig
+    from appliance.engine import EngineConfig
 
     if artifact is None:
         _export_stage()
-        from export.artifacts import cached_artifact
-        from export.catalog import DEFAULT_MODEL
-
-        artifact = cached_artifact(DEFAULT_MODEL)
-    manifest = load_manifest(artifact)
-    return manifest, Decoder(manifest), ChatTokenizer(manifest)
+    # one conversation at a time: a single slot, long enough for the answer
+    return open_chat(ModelConfig(artifact=artifact or ""), EngineConfig(max_batch=1, max_waiting=1,
+                                                                        max_length=max(4096, max_tokens + 1024)))
 
 
-def _stream_reply(manifest, decoder, tokenizer, messages: list[dict], max_tokens: int) -> str:
-    from appliance.generate import generate
+async def _print_reply(chat, messages: list[dict], params, show_reasoning: bool) -> str:
+    from appliance.engine import Finish
 
-    ids = tokenizer.encode(tokenizer.render(messages))
-    stream, pieces = tokenizer.stream(), []
-    for token in generate(decoder, ids, max_tokens, tokenizer.stop_ids):
-        if token in tokenizer.stop_ids:
+    content, thinking = [], False
+    async for item in chat.reply(messages, params):
+        if isinstance(item, Finish):
             break
-        piece = stream.push(token)
-        pieces.append(piece)
-        print(piece, end="", flush=True)
-    print(flush=True)
-    return "".join(pieces)
+        if item.reasoning and show_reasoning:
+            if not thinking:
+                print("\033[2m(thinking) ", end="")
+                thinking = True
+            print(item.reasoning, end="", flush=True)
+        if item.content:
+            if thinking:
+                print("\033[0m\n", end="")
+                thinking = False
+            content.append(item.content)
+            print(item.content, end="", flush=True)
+    print("\033[0m" if thinking else "", flush=True)
+    return "".join(content)
 
 
 def cmd_generate(args) -> None:
-    manifest, decoder, tokenizer = _open_artifact(args.artifact)
-    _stream_reply(manifest, decoder, tokenizer, [{"role": "user", "content": args.prompt}], args.max_tokens)
+    import asyncio
+
+    chat = _open_chat(args.artifact, args.max_tokens)
+    try:
+        params = chat.params(temperature=0.0, max_tokens=args.max_tokens)
+        asyncio.run(_print_reply(chat, [{"role": "user", "content": args.prompt}], params, show_reasoning=False))
+    finally:
+        chat.engine.stop()
 
 
 def cmd_chat(args) -> None:
-    manifest, decoder, tokenizer = _open_artifact(args.artifact)
-    print(f"r1box chat on {manifest.name} ({decoder.provider}). Empty line or /exit quits, /reset forgets.",
-          file=sys.stderr)
+    import asyncio
+
+    chat = _open_chat(args.artifact, args.max_tokens)
+    print(f"r1box chat on {chat.model_name} ({chat.engine.decoder.provider}). Empty line or /exit quits, /reset "
+          "forgets.", file=sys.stderr)
+    params = chat.params(max_tokens=args.max_tokens)
     messages: list[dict] = []
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            break
-        if line in ("", "/exit", "/quit"):
-            break
-        if line == "/reset":
-            messages.clear()
-            continue
-        messages.append({"role": "user", "content": line})
-        print("r1box> ", end="", flush=True)
-        reply = _stream_reply(manifest, decoder, tokenizer, messages, args.max_tokens)
-        messages.append({"role": "assistant", "content": reply})
+    try:
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                break
+            if line in ("", "/exit", "/quit"):
+                break
+            if line == "/reset":
+                messages.clear()
+                continue
+            messages.append({"role": "user", "content": line})
+            print("r1box> ", end="", flush=True)
+            reply = asyncio.run(_print_reply(chat, messages, params, show_reasoning=sys.stdout.isatty()))
+            messages.append({"role": "assistant", "content": reply})
+    finally:
+        chat.engine.stop()
+
+
+def cmd_serve(args) -> None:
+    import logging
+
+    from aiohttp import web
+
+    from appliance.app import create_app
+    from appliance.config import load_config
+
+    config = load_config(args.config, {"server": {"host": args.host, "port": args.port},
+                                       "model": {"artifact": args.artifact, "provider": args.provider}})
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    web.run_app(create_app(config), host=config.server.host, port=config.server.port, print=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits compute type: 4 = int8 activations (fastest on CPU)")
     p.add_argument("--fp32-embedding", action="store_true", help="keep the embedding table unquantized")
-    p.add_argument("--lm-head-bits", type=int, choices=[4, 8], help="bits of the vocabulary projection")
+    p.add_argument("--int8-layers", help="comma-separated MatMuls kept at 8 bits (lm_head,qkv_proj,down_proj), "
+                   "or none; default: the catalog's recipe for catalog models, none otherwise")
     p.add_argument("--min-agreement", type=float, default=0.9, help="parity gate; 0 keeps any result")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_export)
@@ -141,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("artifact", nargs="?", help="artifact directory (default: export the default model)")
         p.add_argument("--max-tokens", type=int, default=512)
         p.set_defaults(func=cmd_generate if name == "generate" else cmd_chat)
+
+    p = sub.add_parser("serve", help="run the service: the local API (and, with later stages, WeChat)")
+    p.add_argument("--config", help="TOML configuration file (default: built-in defaults)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--artifact", help="artifact directory (overrides [model] artifact)")
+    p.add_argument("--provider", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -33,3 +33,19 @@ class ArtifactError(R1boxError):
     """An exported artifact is missing files, has a bad manifest, or fails its checksums: the runtime refuses it."""
 
     exit_code = 5
+
+
+class RequestError(R1boxError):
+    """A request the engine cannot take as given (a prompt longer than the context, bad sampling values): HTTP 400."""
+
+
+class EngineBusy(R1boxError):
+    """Every slot is running and the wait queue is full: HTTP 503 with Retry-After; the caller tries again."""
+
+    retry_after_s = 2
+
+
+class ConfigError(R1boxError):
+    """The configuration file is missing, unreadable or has a wrong value; the message names the key."""
+
+    exit_code = 6

@@ -74,7 +74,8 @@ class Decoder:
         """Run tokens [rows, S] for slots first..first+rows-1; new_lengths[r] is row r's length after this step.
 
         Row r's tokens land at positions new_lengths[r]-S … new_lengths[r]-1 of its slot. Returns the logits of
-        each row's last position, [rows, vocab] float32, and advances the cache's lengths.
+        each row's last position, [rows, vocab] float32. The cache's lengths are the caller's to advance: a batch
+        may carry idle rows whose dummy token must not count.
         """
         rows, new = tokens.shape
         assert new_lengths.shape == (rows,) and int(new_lengths.max()) <= cache.max_length
@@ -86,7 +87,6 @@ class Decoder:
         binding.bind_output(self.io["logits"], "cpu")
         cache.bind(binding, self.kv_names, first, rows)
         self.session.run_with_iobinding(binding)
-        cache.lengths[first:first + rows] = new_lengths
         return binding.get_outputs()[0].numpy().reshape(rows, -1).astype(np.float32, copy=False)
 
     def prefill(self, cache: KvCache, slot: int, tokens: list[int] | np.ndarray, chunk: int = 0) -> np.ndarray:
@@ -98,4 +98,17 @@ class Decoder:
             part = tokens[start:start + chunk]
             length = cache.lengths[slot] + part.size
             logits = self.step(cache, slot, part[None, :], np.array([length]))
+            cache.lengths[slot] = length
         return logits[0]
+
+
+def open_decoder(manifest: Manifest, provider: str = "auto", threads: int | None = None) -> tuple[Decoder, str | None]:
+    """The decoder on the wanted provider; if CUDA will not start, the CPU one and the reason it had to be."""
+    chosen = pick_provider(provider)
+    try:
+        return Decoder(manifest, threads, chosen), None
+    except ArtifactError as e:
+        if chosen == "cpu":
+            raise
+        log.error("the CUDA provider did not start (%s); serving on the CPU instead", e)
+        return Decoder(manifest, threads, "cpu"), f"CUDA did not start: {e}"[:300]

@@ -14,8 +14,9 @@ from export.progress import say
 from export.quantize import QuantConfig
 
 
-def cached_artifact(name: str, quant: QuantConfig = QuantConfig()) -> Path:
+def cached_artifact(name: str, quant: QuantConfig | None = None) -> Path:
     entry = lookup(name)
+    quant = quant or QuantConfig(int8_layers=entry.int8_layers)
     key = entry.mirror.sha256[:16] if entry.mirror else "hub"
     out = cache_root() / "artifacts" / f"{name}-{key}-{quant.tag}"
     if (out / "manifest.json").is_file():

@@ -70,7 +70,7 @@ def export_model(spec: str, out: Path, quant: QuantConfig = QuantConfig(), min_a
         if not report["passed"]:
             raise ExportError(
                 f"parity check failed: top-1 agreement {report['agreement']:.3f} is below {min_agreement}. Try "
-                "--lm-head-bits 8, --block-size 16, or --precision int8; --min-agreement 0 keeps the artifact "
+                "--int8-layers lm_head,qkv_proj,down_proj, or --precision int8; --min-agreement 0 keeps the artifact "
                 "anyway.")
         with step("checksums and manifest", timings):
             write_manifest(staging, graph_name=GRAPH, quantization=quantization, timings=timings, parity=report,

@@ -16,7 +16,6 @@ from pathlib import Path
 import onnx
 
 from appliance.errors import ExportError
-from export.qwen2_graph import LM_HEAD
 
 
 @dataclass(frozen=True)
@@ -26,7 +25,9 @@ class QuantConfig:
     symmetric: bool = False
     accuracy_level: int = 4  # int8 activations in the matmul kernels on CPU; the fastest there
     quantize_embedding: bool = True
-    lm_head_bits: int | None = None  # None: as the rest; 8 keeps the vocabulary projection finer
+    # MatMuls kept at 8 bits, by name fragment ("lm_head", "qkv_proj", "down_proj"): the mixed recipe, in the
+    # spirit of llama.cpp's Q4_K_M, for models whose int4 parity is too low (the catalog says which)
+    int8_layers: tuple[str, ...] = ()
 
     @property
     def bits(self) -> int:
@@ -39,7 +40,7 @@ class QuantConfig:
             return "fp32"
         return (f"{self.precision}-b{self.block_size}-{'sym' if self.symmetric else 'asym'}"
                 f"-acc{self.accuracy_level}{'-emb' if self.quantize_embedding else ''}"
-                f"{f'-head{self.lm_head_bits}' if self.lm_head_bits else ''}")
+                f"{'-i8.' + '.'.join(sorted(self.int8_layers)) if self.int8_layers else ''}")
 
 
 def quantize(model: onnx.ModelProto, out_graph: Path, config: QuantConfig) -> dict:
@@ -50,8 +51,6 @@ def quantize(model: onnx.ModelProto, out_graph: Path, config: QuantConfig) -> di
         return {"method": "none", "precision": "fp32"}
     if config.block_size < 16 or config.block_size & (config.block_size - 1):
         raise ExportError(f"block size {config.block_size} must be a power of two of at least 16.")
-    if config.lm_head_bits not in (None, 4, 8):
-        raise ExportError(f"lm_head bits {config.lm_head_bits} must be 4 or 8.")
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     # it warns that it raises the opset for int4 and lists every node; neither says anything we need
@@ -67,17 +66,21 @@ def quantize(model: onnx.ModelProto, out_graph: Path, config: QuantConfig) -> di
         quantizer.process()
         return quantizer.model.model
 
-    head_bits = config.lm_head_bits or config.bits
-    if head_bits != config.bits:  # the head first, alone; the second pass then skips it (no longer a MatMul)
-        others = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gather") and n.name != LM_HEAD]
-        model = run(model, head_bits, ("MatMul",), others)
-    op_types = ("MatMul", "Gather") if config.quantize_embedding else ("MatMul",)
+    names = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gather")]
+    wide = [n for n in names if any(fragment in n for fragment in config.int8_layers)]
+    if config.int8_layers and config.bits == 4:  # the 8-bit ones first; the second pass skips them (no longer MatMul)
+        if not wide:
+            raise ExportError(f"no MatMul matches --int8-layers {','.join(config.int8_layers)}; the graph's names "
+                              "hold lm_head, qkv_proj, o_proj, gate_up_proj and down_proj.")
+        model = run(model, 8, ("MatMul",), [n for n in names if n not in wide])
+    # GatherBlockQuantized takes 4 bits only
+    op_types = ("MatMul", "Gather") if config.quantize_embedding and config.bits == 4 else ("MatMul",)
     model = run(model, config.bits, op_types, [])
     ops = Counter(n.op_type for n in model.graph.node)
     if ops["MatMulNBits"] == 0:
         raise ExportError("quantization produced no MatMulNBits node; the graph has no constant MatMul weights.")
     _save(model, out_graph)
-    return {"method": "MatMulNBits", **asdict(config), "bits": config.bits, "lm_head_bits": head_bits,
+    return {"method": "MatMulNBits", **asdict(config), "bits": config.bits, "int8_nodes": len(wide),
             "nodes": {"MatMulNBits": ops["MatMulNBits"], "GatherBlockQuantized": ops["GatherBlockQuantized"],
                       "MatMul (activations)": ops["MatMul"]}}
 

@@ -135,3 +135,15 @@ def test_corrupt_gguf(tmp_path, r1_gguf):
     with pytest.raises(UnsupportedModelError, match="tensors do not load"):
         export_model(str(truncated), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_mixed_recipe_keeps_named_layers_at_8_bits(tiny_hf_dir, tmp_path):
+    quant = QuantConfig(int8_layers=("lm_head", "down_proj"))
+    out = export_model(str(tiny_hf_dir), tmp_path / "mixed", quant, min_agreement=0.0)
+    bits = Counter(next(a.i for a in n.attribute if a.name == "bits")
+                   for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+                   if n.op_type == "MatMulNBits")
+    assert bits == {8: 1 + 2, 4: 2 * 3}
+    assert read_manifest(out)["quantization"]["int8_layers"] == ["lm_head", "down_proj"]
+    with pytest.raises(ExportError, match="no MatMul matches"):
+        export_model(str(tiny_hf_dir), tmp_path / "typo", QuantConfig(int8_layers=("lm_haed",)), min_agreement=0.0)

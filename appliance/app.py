@@ -1,0 +1,71 @@
+"""The aiohttp application factory: this is the program. Resources (the model, the engine) open and close in
+cleanup contexts; loading the model, which blocks for seconds, runs off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from aiohttp import web
+
+from appliance.api import API_KEYS, CHAT, api_key_middleware, errors_middleware, routes
+from appliance.chat import ChatService
+from appliance.config import Config, ModelConfig
+from appliance.engine import Engine, EngineConfig
+from appliance.errors import ConfigError
+from appliance.manifest import load_manifest
+from appliance.model import Decoder, open_decoder
+from appliance.tokenizer import ChatTokenizer
+
+log = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("config", Config)
+
+
+def resolve_artifact(model: ModelConfig) -> Path:
+    """The configured artifact, or the catalog model's cached one (exported on first use where the export stage
+    is installed)."""
+    if model.artifact:
+        return Path(model.artifact).expanduser()
+    try:
+        from export.artifacts import cached_artifact
+    except ImportError:
+        raise ConfigError("[model] artifact is empty and the export stage is not installed; set artifact to an "
+                          "exported directory, or pip install 'r1box[export]'.") from None
+    return cached_artifact(model.name)
+
+
+def open_chat(model: ModelConfig, engine_config: EngineConfig) -> ChatService:
+    """Load and verify the artifact, start the decoder (CUDA falling back to the CPU) and the engine."""
+    manifest = load_manifest(resolve_artifact(model))
+    threads = model.threads or None
+    decoder, reason = open_decoder(manifest, model.provider, threads)
+    engine = Engine(decoder, engine_config, stop_ids=frozenset(manifest.chat["stop_ids"]),
+                    think=manifest.chat.get("think"),
+                    fallback=(lambda: Decoder(manifest, threads, "cpu")) if decoder.provider != "cpu" else None)
+    if reason:
+        engine.fallbacks, engine.fallback_reason = 1, reason
+    log.info("serving %s on %s with %d threads, %d slots of %d tokens (KV cache %.0f MB)", manifest.name,
+             decoder.provider, decoder.threads, engine_config.max_batch, engine.cache.max_length,
+             engine.cache.nbytes / 1e6)
+    engine.start()
+    return ChatService(manifest, ChatTokenizer(manifest), engine)
+
+
+async def _chat_ctx(app: web.Application):
+    config = app[CONFIG]
+    chat = await asyncio.get_running_loop().run_in_executor(None, open_chat, config.model, config.engine)
+    app[CHAT] = chat
+    yield
+    await asyncio.get_running_loop().run_in_executor(None, chat.engine.stop)
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(client_max_size=config.server.max_body_kb << 10,
+                          middlewares=[errors_middleware, api_key_middleware])
+    app[CONFIG] = config
+    app[API_KEYS] = config.server.api_keys
+    app.cleanup_ctx.append(_chat_ctx)
+    app.add_routes(routes)
+    return app

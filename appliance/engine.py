@@ -1,0 +1,286 @@
+"""The engine: continuous batching of many conversations over one decoder, in one worker thread.
+
+Each pass of the worker loop:
+  1. drops cancelled sequences and admits waiting ones into free cache slots, copying a cached prefix in if one
+     matches (their prompt then needs only its new tokens prefilled);
+  2. prefills one chunk of one sequence, so a long prompt never stalls the running streams for long;
+  3. decodes one token for every running sequence in a single batched run over their slots;
+  4. samples, streams each token to its caller, and retires finished sequences (their KV goes to the prefix cache).
+Callers live on the asyncio loop; tokens cross over with call_soon_threadsafe. onnxruntime releases the GIL while it
+runs, so the loop stays responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from appliance.errors import EngineBusy, RequestError
+from appliance.model import Decoder
+from appliance.prefix_cache import PrefixCache
+from appliance.sampling import Sampler, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 8  # running sequences = cache slots
+    max_waiting: int = 64  # beyond this a request is refused as busy
+    max_length: int = 4096  # prompt + answer, per sequence
+    prefill_chunk: int = 256  # prompt tokens per step while others decode
+    prefix_cache_mb: int = 256
+    think_budget: int = 1024  # reasoning tokens before </think> is forced; 0: no limit
+
+    def __post_init__(self):
+        if not 1 <= self.max_batch <= 64:
+            raise ValueError("max_batch must be between 1 and 64")
+        if self.max_waiting < 0 or self.max_length < 16 or self.prefill_chunk < 1 or self.prefix_cache_mb < 0:
+            raise ValueError("max_waiting ≥ 0, max_length ≥ 16, prefill_chunk ≥ 1, prefix_cache_mb ≥ 0")
+
+
+@dataclass
+class Finish:
+    reason: str  # "stop", "length", "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    reused_tokens: int
+    ttft_s: float | None
+
+
+@dataclass
+class _Sequence:
+    prompt: list[int]
+    sampler: Sampler
+    max_tokens: int
+    emit: Callable[[object], None]
+    in_think: bool
+    context: list[int] = field(default_factory=list)  # tokens to prefill: the prompt, or more after a fallback
+    slot: int = -1
+    prefilled: int = 0
+    generated: list[int] = field(default_factory=list)
+    pending: int | None = None  # sampled and streamed, not yet fed to the model
+    think_tokens: int = 0
+    reused: int = 0
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+
+class Engine:
+    def __init__(self, decoder: Decoder, config: EngineConfig = EngineConfig(), *, stop_ids: frozenset[int],
+                 think: dict | None = None, fallback: Callable[[], Decoder] | None = None):
+        self.decoder, self.config, self.stop_ids = decoder, config, stop_ids
+        self.think = think if think and think.get("close_id") is not None else None
+        self._fallback = fallback
+        self.cache = decoder.new_cache(config.max_batch, config.max_length)
+        self.prefix = PrefixCache(config.prefix_cache_mb << 20)
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.started = time.time()
+        self.fallbacks = 0
+        self.fallback_reason: str | None = None
+        self.counters = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "prefilled_tokens": 0,
+                         "decode_steps": 0, "busy": 0, "cancelled": 0}
+        self.last_batch = 0
+
+    # ---- the caller's side (asyncio loop) ----
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="r1box-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[int | Finish]:
+        """Yield token ids as they come, then one Finish. Closing the iterator early cancels the sequence."""
+        if not prompt:
+            raise RequestError("the prompt is empty.")
+        room = self.cache.max_length - len(prompt)
+        if room < 1:
+            raise RequestError(f"the prompt has {len(prompt)} tokens; this engine holds at most "
+                               f"{self.cache.max_length - 1} plus the answer. Shorten the conversation.")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        seq = _Sequence(prompt=list(prompt), sampler=Sampler(params, prompt), max_tokens=min(params.max_tokens, room),
+                        emit=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+                        in_think=bool(self.think and self.think.get("opened_in_prompt")))
+        seq.context = seq.prompt
+        with self._wake:
+            if len(self._waiting) >= self.config.max_waiting:
+                self.counters["busy"] += 1
+                raise EngineBusy(f"all {self.config.max_batch} slots are busy and {len(self._waiting)} requests "
+                                 "wait; try again in a few seconds.")
+            self._waiting.append(seq)
+            self.counters["requests"] += 1
+            self._wake.notify()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Finish):
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                with self._wake:
+                    seq.cancelled = True
+                    self._wake.notify()
+
+    def stats(self) -> dict:
+        with self._lock:
+            running, waiting = len(self._running), len(self._waiting)
+        return {
+            "provider": self.decoder.provider, "fallbacks": self.fallbacks, "fallback_reason": self.fallback_reason,
+            "running": running, "waiting": waiting, "slots": self.config.max_batch,
+            "free_slots": len(self.cache.free), "batch_size": self.last_batch,
+            "kv_cache_usage": round(self.cache.usage(), 4), "kv_cache_bytes": self.cache.nbytes,
+            "prefix_cache": {"entries": len(self.prefix), "bytes": self.prefix.nbytes, "hits": self.prefix.hits,
+                             "misses": self.prefix.misses, "reused_tokens": self.prefix.reused_tokens},
+            **self.counters,
+        }
+
+    # ---- the worker's side ----
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._waiting and not self._running:
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                self._sweep_cancelled()
+                self._admit()
+                running = list(self._running)
+            try:
+                self._step(running)
+            except Exception as e:  # a provider failing at run time: fall back, or fail these sequences
+                self._recover(e)
+        with self._lock:
+            for seq in list(self._running) + list(self._waiting):
+                seq.emit(RuntimeError("the engine stopped"))
+
+    def _sweep_cancelled(self) -> None:
+        for seq in [s for s in self._waiting if s.cancelled]:
+            self._waiting.remove(seq)
+            self.counters["cancelled"] += 1
+        for seq in [s for s in self._running if s.cancelled]:
+            self._retire(seq, store=False)
+            self.counters["cancelled"] += 1
+
+    def _admit(self) -> None:
+        while self._waiting and self.cache.free:
+            seq = self._waiting.popleft()
+            seq.slot = self.cache.allocate()
+            reused, blocks = self.prefix.lookup(seq.context)
+            if blocks is not None:
+                self.cache.write(seq.slot, blocks)
+            seq.prefilled = seq.reused = reused
+            self._running.append(seq)
+
+    def _step(self, running: list[_Sequence]) -> None:
+        # 1. one prefill chunk, oldest prompt first
+        prefilling = [s for s in running if s.prefilled < len(s.context) and not s.cancelled]
+        if prefilling:
+            seq = prefilling[0]
+            chunk = seq.context[seq.prefilled:seq.prefilled + self.config.prefill_chunk]
+            logits = self.decoder.prefill(self.cache, seq.slot, chunk)
+            seq.prefilled += len(chunk)
+            self.counters["prefilled_tokens"] += len(chunk)
+            if seq.prefilled == len(seq.context):
+                self._accept(seq, logits)
+        # 2. one decode step for every sequence with a token to feed
+        decoding = sorted((s for s in running if s.pending is not None and not s.cancelled), key=lambda s: s.slot)
+        self.last_batch = len(decoding)
+        if not decoding:
+            return
+        first, last = decoding[0].slot, decoding[-1].slot
+        tokens = np.zeros((last - first + 1, 1), np.int64)
+        for seq in decoding:
+            tokens[seq.slot - first, 0] = seq.pending
+        # idle rows in between get a dummy token at their first unused position; their lengths do not advance
+        logits = self.decoder.step(self.cache, first, tokens, self.cache.lengths[first:last + 1] + 1)
+        self.counters["decode_steps"] += 1
+        for seq in decoding:
+            self.cache.lengths[seq.slot] += 1
+            self._accept(seq, logits[seq.slot - first])
+
+    def _accept(self, seq: _Sequence, logits: np.ndarray) -> None:
+        """Choose the next token from the logits, stream it, and retire the sequence if it is done."""
+        if seq.in_think and self.config.think_budget and seq.think_tokens >= self.config.think_budget:
+            token = self.think["close_id"]  # enough reasoning: close the block so the answer comes in time
+        else:
+            token = seq.sampler(logits)
+        if seq.in_think:
+            if token == self.think["close_id"]:
+                seq.in_think = False
+            else:
+                seq.think_tokens += 1
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
+        seq.generated.append(token)
+        seq.pending = token
+        self.counters["generated_tokens"] += 1
+        seq.emit(token)
+        reason = None
+        if token in self.stop_ids:
+            reason = "stop"
+        elif len(seq.generated) >= seq.max_tokens or self.cache.lengths[seq.slot] + 1 >= self.cache.max_length:
+            reason = "length"
+        if reason:
+            seq.emit(Finish(reason, len(seq.prompt), len(seq.generated), seq.reused,
+                            seq.first_token_at - seq.submitted))
+            with self._lock:
+                self._retire(seq, store=True)
+
+    def _retire(self, seq: _Sequence, store: bool) -> None:
+        """Free the sequence's slot; keep its KV for a later turn that starts the same way. Caller holds the lock."""
+        fed = int(self.cache.lengths[seq.slot])
+        if store and fed and self.prefix.budget:
+            tokens = (seq.context + seq.generated[len(seq.context) - len(seq.prompt):])[:fed]
+            self.prefix.store(tokens, self.cache.read(seq.slot, fed))
+        self.cache.release(seq.slot)
+        self._running.remove(seq)
+        self.counters["prompt_tokens"] += len(seq.prompt)
+
+    def _recover(self, error: Exception) -> None:
+        with self._lock:
+            running = list(self._running)
+            if self._fallback is None or self.decoder.provider == "cpu":
+                log.exception("engine step failed; the running requests end with an error")
+                for seq in running:
+                    seq.emit(RuntimeError(f"inference failed ({type(error).__name__}); try again"))
+                    self._retire(seq, store=False)
+                return
+            log.error("provider %s failed at run time (%s); falling back to the CPU and resuming %d sequences",
+                      self.decoder.provider, error, len(running))
+            self.decoder = self._fallback()
+            self.cache = self.decoder.new_cache(self.config.max_batch, self.config.max_length)
+            self.prefix = PrefixCache(self.config.prefix_cache_mb << 20)
+            self.fallbacks += 1
+            self.fallback_reason = f"{type(error).__name__}: {error}"[:300]
+            # resume each stream where it was: its prompt and what it already said are prefilled again
+            self._running.clear()
+            for seq in reversed(running):
+                seq.context = seq.prompt + seq.generated
+                seq.prefilled, seq.pending, seq.slot = 0, None, -1
+                self._waiting.appendleft(seq)
