@@ -84,14 +84,15 @@ def generate(model: og.Model, ids: np.ndarray, new_tokens: int, batch: int = 1) 
     generator.append_tokens(feed)
     generator.generate_next_token()
     t1 = time.perf_counter()
-    steps = 1
+    steps, stamps = 1, [t1]
     while not generator.is_done() and steps < new_tokens:
         generator.generate_next_token()
+        stamps.append(time.perf_counter())
         steps += 1
     t2 = time.perf_counter()
     rows = [np.asarray(generator.get_sequence(b))[n_prompt:].tolist() for b in range(batch)]
     del generator
-    return {"ttft_s": t1 - t0, "decode_s": t2 - t1, "steps": steps, "rows": rows}
+    return {"ttft_s": t1 - t0, "decode_s": t2 - t1, "steps": steps, "rows": rows, "itl_s": np.diff(stamps).tolist()}
 
 
 def parse_args(argv=None):
@@ -102,6 +103,7 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", default="", help="comma-separated batch sizes, e.g. 1,4,16")
     ap.add_argument("--batch-prompt", default=None, help="prompt to batch (default: the shortest)")
+    ap.add_argument("--runs", type=int, default=3, help="measured runs per prompt (median and p99 reported)")
     ap.add_argument("--warmup-tokens", type=int, default=16, help="new tokens in each warm-up run")
     ap.add_argument("--no-ids", action="store_true", help="leave the generated ids out of the JSON")
     args = ap.parse_args(argv)
@@ -152,13 +154,20 @@ def main(argv=None) -> int:
             raise SystemExit(f"bench_anchor: prompt {name} ({ids.size} tokens) + new tokens exceeds the context")
         log(f"{name}: {ids.size} prompt tokens: warm-up")
         generate(model, ids, min(args.warmup_tokens, args.new_tokens))
-        log(f"{name}: measuring")
-        r = generate(model, ids, args.new_tokens)
+        log(f"{name}: measuring ({args.runs} runs)")
+        runs = sorted((generate(model, ids, args.new_tokens) for _ in range(args.runs)), key=lambda r: r["ttft_s"])
+        r = runs[len(runs) // 2]
+        ttfts = [x["ttft_s"] * 1000 for x in runs]
+        itls = [t * 1000 for x in runs for t in x["itl_s"]]
         made = len(r["rows"][0])
         decode_tps = (r["steps"] - 1) / r["decode_s"] if r["decode_s"] > 0 else None
         entry = {
             "prompt_tokens": int(ids.size),
             "ttft_ms": round(r["ttft_s"] * 1000, 2),
+            "ttft_ms_p50": round(float(np.percentile(ttfts, 50)), 2),
+            "ttft_ms_p99": round(float(np.percentile(ttfts, 99)), 2),
+            "itl_ms_p50": round(float(np.percentile(itls, 50)), 2),
+            "itl_ms_p99": round(float(np.percentile(itls, 99)), 2),
             "prefill_tokens_per_s": round(ids.size / r["ttft_s"], 2),
             "new_tokens": made,
             "decode_tokens": r["steps"] - 1,

@@ -246,11 +246,11 @@ class Engine:
             reason = "stop"
         elif len(seq.generated) >= seq.max_tokens or self.cache.lengths[seq.slot] + 1 >= self.cache.max_length:
             reason = "length"
-        if reason:
-            seq.emit(Finish(reason, len(seq.prompt), len(seq.generated), seq.reused,
-                            seq.first_token_at - seq.submitted))
+        if reason:  # the slot is free before the caller hears of the end
             with self._lock:
                 self._retire(seq, store=True)
+            seq.emit(Finish(reason, len(seq.prompt), len(seq.generated), seq.reused,
+                            seq.first_token_at - seq.submitted))
 
     def _retire(self, seq: _Sequence, store: bool) -> None:
         """Free the sequence's slot; keep its KV for a later turn that starts the same way. Caller holds the lock."""

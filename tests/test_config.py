@@ -1,0 +1,60 @@
+"""The configuration path: TOML and flags into frozen dataclasses, with every mistake named."""
+
+import dataclasses
+
+import pytest
+
+from appliance.config import load_config
+from appliance.errors import ConfigError
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "r1box.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_overrides(tmp_path):
+    config = load_config(_write(tmp_path, "[engine]\nmax_batch = 4\n[server]\nport = 9000\n"),
+                         {"server": {"port": 9100, "host": None}})
+    assert config.engine.max_batch == 4 and config.server.port == 9100 and config.server.host == "127.0.0.1"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.server.port = 1
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("[engine\nmax_batch = 4", "not valid TOML"),
+    ("[wechat_typo]\n", "unknown section [wechat_typo]"),
+    ("[engine]\nmax_btach = 4\n", "unknown key 'max_btach'"),
+    ("[engine]\nmax_batch = \"four\"\n", "max_batch must be a int"),
+    ("[engine]\nmax_batch = 0\n", "max_batch must be between 1 and 64"),
+    ("[model]\nprovider = \"tpu\"\n", "provider must be auto, cpu or cuda"),
+    ("[server]\napi_keys = [\"in-the-file\"]\n", "unknown key 'api_keys'"),
+])
+def test_mistakes_are_named(tmp_path, text, fragment):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(_write(tmp_path, text))
+    assert fragment in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such configuration file"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_wide_binding_needs_api_keys_from_the_environment(tmp_path, monkeypatch):
+    path = _write(tmp_path, '[server]\nhost = "0.0.0.0"\n')
+    monkeypatch.delenv("R1BOX_API_KEYS", raising=False)
+    with pytest.raises(ConfigError, match="R1BOX_API_KEYS"):
+        load_config(path)
+    monkeypatch.setenv("R1BOX_API_KEYS", "secret-1")
+    config = load_config(path)
+    assert config.server.api_keys == ("secret-1",) and "secret-1" not in repr(config)
+
+
+def test_the_example_file_is_the_defaults():
+    from pathlib import Path
+
+    import appliance
+
+    assert load_config(Path(appliance.__file__).parent / "config.example.toml") == load_config(None)
