@@ -20,6 +20,25 @@ test *ARGS: install
 test-fast *ARGS: install
     {{python}} -m pytest -m "not slow" {{ARGS}}
 
+# run the service (local API on 127.0.0.1:8080; WeChat with later stages) with a TOML config, or the defaults
+serve *ARGS: install
+    {{venv}}/bin/r1box serve {{ARGS}}
+
+# r1box against onnxruntime-genai on the same model and machine (default: the 1.5B); ends with one JSON line
+bench MODEL="qwen2.5-coder-1.5b-instruct" THREADS="2":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    just install
+    cache="${R1BOX_CACHE:-$HOME/.cache/r1box}"
+    artifact=$({{python}} -c 'import sys; from export.artifacts import cached_artifact; print(cached_artifact(sys.argv[1]))' "{{MODEL}}")
+    gguf=$({{venv}}/bin/r1box fetch "{{MODEL}}")
+    anchor_python=$(bash appliance/bench_anchor_setup.sh "$gguf" "$cache/genai-models/{{MODEL}}-int4")
+    {{python}} -m appliance.bench --artifact "$artifact" --threads {{THREADS}} --out bench-results \
+        --anchor-python "$anchor_python" --anchor-model "$cache/genai-models/{{MODEL}}-int4"
+
+# the quick bench: the same on the 0.5B
+bench-quick THREADS="2": (bench "qwen2.5-coder-0.5b-instruct" THREADS)
+
 # export a model (catalog name, HF directory or .gguf) into an artifact directory
 export SOURCE OUT *FLAGS: install
     {{venv}}/bin/r1box export {{SOURCE}} --out {{OUT}} {{FLAGS}}

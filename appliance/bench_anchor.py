@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 
@@ -29,6 +28,15 @@ import onnxruntime_genai as og
 
 def log(msg: str) -> None:
     print(f"bench_anchor: {msg}", file=sys.stderr, flush=True)
+
+
+def peak_rss_mb() -> float:
+    """This process's resident high-water mark. Not getrusage: a child forked from a big parent inherits its
+    maximum."""
+    for line in open("/proc/self/status").read().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
 
 
 def cpu_name() -> str:
@@ -222,7 +230,7 @@ def main(argv=None) -> int:
         batch["supported"] = any("error" not in v for v in batch["results"].values())
         out["batch"] = batch
 
-    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(out))
     return 0
 

@@ -49,7 +49,8 @@ def cmd_export(args) -> None:
     quant = QuantConfig(precision=args.precision, block_size=args.block_size, symmetric=args.symmetric,
                         accuracy_level=args.accuracy_level, quantize_embedding=not args.fp32_embedding,
                         int8_layers=_int8_layers(args.int8_layers, args.source))
-    export_model(args.source, Path(args.out), quant, min_agreement=args.min_agreement, force=args.force)
+    export_model(args.source, Path(args.out), quant, min_agreement=args.min_agreement, force=args.force,
+                 dtype=args.dtype)
 
 
 def _int8_layers(flag: str | None, source: str) -> tuple[str, ...]:
@@ -160,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="catalog name, Hugging Face directory, or .gguf file")
     p.add_argument("--out", required=True, help="artifact directory to create")
     p.add_argument("--precision", choices=["int4", "int8", "fp32"], default="int4")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="activations and KV cache: float32 for CPU boxes, float16 for NVIDIA ones")
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--symmetric", action="store_true", help="no zero points (smaller, less accurate)")
     p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],

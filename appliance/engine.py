@@ -81,7 +81,7 @@ class Engine:
         self.think = think if think and think.get("close_id") is not None else None
         self._fallback = fallback
         self.cache = decoder.new_cache(config.max_batch, config.max_length)
-        self.prefix = PrefixCache(config.prefix_cache_mb << 20)
+        self.prefix = PrefixCache(self._prefix_budget(decoder))
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._lock = threading.Lock()
@@ -94,6 +94,14 @@ class Engine:
         self.counters = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "prefilled_tokens": 0,
                          "decode_steps": 0, "busy": 0, "cancelled": 0}
         self.last_batch = 0
+
+    def _prefix_budget(self, decoder: Decoder) -> int:
+        if decoder.device != "cpu":
+            # Copying a slot's positions out of and back into device memory needs a strided device copy that
+            # onnxruntime's Python API lacks; a GPU prefills a few hundred tokens in tens of milliseconds anyway.
+            log.info("prefix reuse is off on %s: prefill there is fast enough", decoder.provider)
+            return 0
+        return self.config.prefix_cache_mb << 20
 
     # ---- the caller's side (asyncio loop) ----
 
@@ -275,7 +283,7 @@ class Engine:
                       self.decoder.provider, error, len(running))
             self.decoder = self._fallback()
             self.cache = self.decoder.new_cache(self.config.max_batch, self.config.max_length)
-            self.prefix = PrefixCache(self.config.prefix_cache_mb << 20)
+            self.prefix = PrefixCache(self._prefix_budget(self.decoder))
             self.fallbacks += 1
             self.fallback_reason = f"{type(error).__name__}: {error}"[:300]
             # resume each stream where it was: its prompt and what it already said are prefilled again

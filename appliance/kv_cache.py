@@ -67,21 +67,15 @@ class KvCache:
 
     def read(self, slot: int, length: int) -> list[np.ndarray]:
         """Copy of a slot's first `length` positions, per buffer [kv_heads, length, head_dim] (for the prefix cache)."""
+        assert self.device == "cpu", "prefix reuse copies host memory; the engine turns it off on a GPU"
         assert length <= self.max_length
-        if self.device == "cpu":
-            return [a[slot, :, :length].copy() for a in self._host]
-        return [v.numpy()[slot, :, :length].copy() for v in self._device]
+        return [a[slot, :, :length].copy() for a in self._host]
 
     def write(self, slot: int, blocks: list[np.ndarray]) -> None:
         """Put saved positions back at the start of a slot and set its length."""
+        assert self.device == "cpu", "prefix reuse copies host memory; the engine turns it off on a GPU"
         length = blocks[0].shape[1]
         assert len(blocks) == 2 * self.layers and length <= self.max_length
-        if self.device == "cpu":
-            for a, block in zip(self._host, blocks):
-                a[slot, :, :length] = block
-        else:
-            for value, block in zip(self._device, blocks):
-                host = value.numpy()
-                host[slot, :, :length] = block
-                value.update_inplace(host)
+        for a, block in zip(self._host, blocks):
+            a[slot, :, :length] = block
         self.lengths[slot] = length

@@ -24,7 +24,8 @@ GRAPH = "model.onnx"
 
 
 def export_model(spec: str, out: Path, quant: QuantConfig = QuantConfig(), min_agreement: float = 0.9,
-                 force: bool = False) -> Path:
+                 force: bool = False, dtype: str = "float32") -> Path:
+    """dtype: float32 for CPU boxes, float16 for CUDA ones (its attention kernel takes half precision only)."""
     out = Path(out).expanduser().resolve()
     staging = out.with_name(out.name + ".partial")
     _prepare_output(out, staging, force)
@@ -49,12 +50,12 @@ def export_model(spec: str, out: Path, quant: QuantConfig = QuantConfig(), min_a
             tokenizer = ChatTokenizer(Manifest(staging, sections))
         with step("source model's reference answers", timings):
             refs = source_references(model, tokenizer)
-        with step("build the fused decoder graph", timings):
+        with step(f"build the fused decoder graph ({dtype})", timings):
             shape = Qwen2Shape.from_config(model.config)
             state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
             del model  # the graph holds its own copy of the weights; the 1.5B would not fit twice more
             gc.collect()
-            graph = build_qwen2_graph(state, shape)
+            graph = build_qwen2_graph(state, shape, dtype)
             del state
         with step(f"quantize and save ({quant.tag})", timings):
             quantization = quantize(graph, staging / GRAPH, quant)

@@ -69,12 +69,13 @@ def rotary_tables(shape: Qwen2Shape) -> tuple[np.ndarray, np.ndarray]:
 class _Graph:
     """Accumulates nodes and initializers; names stay readable so quantization can pick nodes by name."""
 
-    def __init__(self):
+    def __init__(self, dtype):
+        self.dtype = dtype
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
 
     def weight(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, np.float32), name))
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, self.dtype), name))
         return name
 
     def const(self, name: str, array: np.ndarray) -> str:
@@ -97,9 +98,16 @@ class _Graph:
         return y
 
 
-def build_qwen2_graph(state: dict[str, np.ndarray], shape: Qwen2Shape) -> onnx.ModelProto:
-    """state: torch-named fp32 arrays (model.layers.N.self_attn.q_proj.weight, …); returns the fp32 graph."""
-    g = _Graph()
+DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
+
+
+def build_qwen2_graph(state: dict[str, np.ndarray], shape: Qwen2Shape, dtype: str = "float32") -> onnx.ModelProto:
+    """state: torch-named fp32 arrays (model.layers.N.self_attn.q_proj.weight, …); returns the unquantized graph.
+
+    dtype is that of activations, KV and weights: float32 for the CPU, float16 for CUDA (whose attention kernel
+    takes half precision only)."""
+    np_dtype, onnx_dtype = DTYPES[dtype]
+    g = _Graph(np_dtype)
     s = shape
     want = [f"model.layers.{i}.{p}" for i in range(s.layers) for p in (
         "input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
@@ -121,8 +129,8 @@ def build_qwen2_graph(state: dict[str, np.ndarray], shape: Qwen2Shape) -> onnx.M
                     name="/lengths/total_i64")
     (total_len,) = g.op("Cast", [total], to=TensorProto.INT32, name="/lengths/total_sequence_length")
     cos, sin = rotary_tables(s)
-    g.const("cos_cache", cos)
-    g.const("sin_cache", sin)
+    g.const("cos_cache", cos.astype(np_dtype))
+    g.const("sin_cache", sin.astype(np_dtype))
 
     (hidden,) = g.op("Gather", [g.weight("model.embed_tokens.weight", state["model.embed_tokens.weight"]),
                                 "input_ids"], name="/model/embed_tokens/Gather")
@@ -163,11 +171,11 @@ def build_qwen2_graph(state: dict[str, np.ndarray], shape: Qwen2Shape) -> onnx.M
     kv = ["batch", s.kv_heads, "max_length", s.head_dim]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"])]
-    outputs = [helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["batch", 1, s.vocab])]
+    outputs = [helper.make_tensor_value_info(logits, onnx_dtype, ["batch", 1, s.vocab])]
     for i in range(s.layers):
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, kv))
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", onnx_dtype, kv))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", onnx_dtype, kv))
     graph = helper.make_graph(g.nodes, "r1box-qwen2-gqa", inputs, outputs, g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                               producer_name="r1box")

@@ -47,7 +47,7 @@ def test_manifest_describes_the_artifact(tiny_int4):
     assert 151643 in m["chat"]["stop_ids"]
     assert m["tokenizer"]["bos_token"] == "<｜begin▁of▁sentence｜>"
     assert {"torch", "transformers", "onnxruntime"} <= set(m["export"]["tools"])
-    assert set(m["export"]["step_seconds"]) >= {"load weights", "build the fused decoder graph", "parity check"}
+    assert set(m["export"]["step_seconds"]) >= {"load weights", "build the fused decoder graph (float32)", "parity check"}
     assert m["model"]["source"]["kind"] == "hf-dir"
 
 
@@ -147,3 +147,11 @@ def test_mixed_recipe_keeps_named_layers_at_8_bits(tiny_hf_dir, tmp_path):
     assert read_manifest(out)["quantization"]["int8_layers"] == ["lm_head", "down_proj"]
     with pytest.raises(ExportError, match="no MatMul matches"):
         export_model(str(tiny_hf_dir), tmp_path / "typo", QuantConfig(int8_layers=("lm_haed",)), min_agreement=0.0)
+
+
+def test_float16_artifact_for_cuda_boxes_runs_and_agrees(tiny_hf_dir, tmp_path):
+    out = export_model(str(tiny_hf_dir), tmp_path / "fp16", QuantConfig(precision="fp32"), min_agreement=0.9,
+                       dtype="float16")
+    m = read_manifest(out)
+    assert m["kv_cache"]["dtype"] == "float16"
+    assert m["parity"]["agreement"] >= 0.9 and m["parity"]["max_abs_logit_diff"] < 0.5
