@@ -24,6 +24,15 @@ class Architecture:
     vocab: int
     context: int
     rope_theta: float
+    rms_eps: float = 1e-6
+
+    @classmethod
+    def from_config(cls, cfg) -> "Architecture":
+        """From a transformers config: what the export reads off the model actually loaded."""
+        return cls(cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+                   cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+                   cfg.intermediate_size, cfg.vocab_size, cfg.max_position_embeddings, float(cfg.rope_theta),
+                   float(cfg.rms_norm_eps))
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -13,6 +14,7 @@ import onnx
 
 from appliance.errors import ExportError
 from appliance.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, file_entries
+from export.catalog import Architecture
 
 END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<｜end▁of▁sentence｜>", "<|eot_id|>")
 THINK = ("<think>", "</think>")
@@ -23,13 +25,7 @@ _PRESENT = re.compile(r"present\.(\d+)\.(key|value)$")
 
 
 def architecture(cfg) -> dict:
-    return {
-        "model_type": cfg.model_type, "layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads,
-        "kv_heads": cfg.num_key_value_heads, "head_dim": getattr(cfg, "head_dim", None)
-        or cfg.hidden_size // cfg.num_attention_heads, "hidden": cfg.hidden_size, "ffn": cfg.intermediate_size,
-        "vocab": cfg.vocab_size, "context": cfg.max_position_embeddings, "rope_theta": cfg.rope_theta,
-        "tie_word_embeddings": bool(cfg.tie_word_embeddings),
-    }
+    return {**asdict(Architecture.from_config(cfg)), "tie_word_embeddings": bool(cfg.tie_word_embeddings)}
 
 
 def chat_section(staging: Path, template_family: str | None, tok_config: dict, eos_ids: list[int]) -> dict:

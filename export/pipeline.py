@@ -17,7 +17,8 @@ from export.manifest_writer import architecture, chat_section, write_manifest
 from export.parity import parity_report, source_references
 from export.progress import say, step
 from export.quantize import QuantConfig, quantize
-from export.qwen2_graph import Qwen2Shape, build_qwen2_graph
+from export.catalog import Architecture
+from export.qwen2_graph import build_qwen2_graph, check_supported
 from export.source import load_model, resolve
 
 GRAPH = "model.onnx"
@@ -51,7 +52,8 @@ def export_model(spec: str, out: Path, quant: QuantConfig = QuantConfig(), min_a
         with step("source model's reference answers", timings):
             refs = source_references(model, tokenizer)
         with step(f"build the fused decoder graph ({dtype})", timings):
-            shape = Qwen2Shape.from_config(model.config)
+            check_supported(model.config)
+            shape = Architecture.from_config(model.config)
             state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
             del model  # the graph holds its own copy of the weights; the 1.5B would not fit twice more
             gc.collect()

@@ -23,43 +23,24 @@ Weights arrive as fp32 MatMuls; quantize.py turns them into MatMulNBits afterwar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from appliance.errors import UnsupportedModelError
+from export.catalog import Architecture
 
 OPSET = 21
 MS = "com.microsoft"
 LM_HEAD = "lm_head/MatMul"
 
 
-@dataclass(frozen=True)
-class Qwen2Shape:
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    ffn: int
-    vocab: int
-    context: int
-    rope_theta: float
-    rms_eps: float
-
-    @classmethod
-    def from_config(cls, cfg) -> "Qwen2Shape":
-        if getattr(cfg, "rope_scaling", None):
-            raise UnsupportedModelError(f"rope scaling {cfg.rope_scaling} is not supported by the fused graph yet.")
-        return cls(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                   getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-                   cfg.intermediate_size, cfg.vocab_size, cfg.max_position_embeddings, float(cfg.rope_theta),
-                   float(cfg.rms_norm_eps))
+def check_supported(cfg) -> None:
+    if getattr(cfg, "rope_scaling", None):
+        raise UnsupportedModelError(f"rope scaling {cfg.rope_scaling} is not supported by the fused graph yet.")
 
 
-def rotary_tables(shape: Qwen2Shape) -> tuple[np.ndarray, np.ndarray]:
+def rotary_tables(shape: Architecture) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin caches, [context, head_dim / 2], non-interleaved halves as Qwen2's rotate_half expects."""
     inv_freq = 1.0 / (shape.rope_theta ** (np.arange(0, shape.head_dim, 2, dtype=np.float64) / shape.head_dim))
     angles = np.outer(np.arange(shape.context, dtype=np.float64), inv_freq)
@@ -67,27 +48,32 @@ def rotary_tables(shape: Qwen2Shape) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _Graph:
-    """Accumulates nodes and initializers; names stay readable so quantization can pick nodes by name."""
+    """Accumulates nodes and initializers straight into one ModelProto: helper.make_graph and make_model copy every
+    initializer, which for the 1.5B meant three copies of 7 GB of weights and an out-of-memory kill. Names stay
+    readable so quantization can pick nodes by name."""
 
     def __init__(self, dtype):
         self.dtype = dtype
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
+        self.model = onnx.ModelProto()
+        self.graph = self.model.graph
 
     def weight(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, self.dtype), name))
-        return name
+        return self.const(name, np.ascontiguousarray(array, self.dtype))
 
     def const(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(array, name))
+        tensor = self.graph.initializer.add()
+        tensor.name = name
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        tensor.dims.extend(array.shape)
+        tensor.raw_data = np.ascontiguousarray(array).tobytes()
         return name
 
     def op(self, op_type: str, inputs: list[str], outputs: list[str] | int = 1, name: str = "", domain: str = "",
            **attrs) -> list[str]:
-        name = name or f"/{op_type}_{len(self.nodes)}"
+        name = name or f"/{op_type}_{len(self.graph.node)}"
         if isinstance(outputs, int):
             outputs = [f"{name}/out{i}" for i in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, domain=domain, **attrs))
+        self.graph.node.append(helper.make_node(op_type, inputs, outputs, name=name, domain=domain, **attrs))
         return outputs
 
     def linear(self, name: str, x: str, weight: np.ndarray, bias: np.ndarray | None = None) -> str:
@@ -101,8 +87,9 @@ class _Graph:
 DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
 
 
-def build_qwen2_graph(state: dict[str, np.ndarray], shape: Qwen2Shape, dtype: str = "float32") -> onnx.ModelProto:
-    """state: torch-named fp32 arrays (model.layers.N.self_attn.q_proj.weight, …); returns the unquantized graph.
+def build_qwen2_graph(state: dict[str, np.ndarray], shape: Architecture, dtype: str = "float32") -> onnx.ModelProto:
+    """state: torch-named fp32 arrays (model.layers.N.self_attn.q_proj.weight, …), consumed as the graph is built
+    so that each layer's source memory is freed once copied; returns the unquantized graph.
 
     dtype is that of activations, KV and weights: float32 for the CPU, float16 for CUDA (whose attention kernel
     takes half precision only)."""
@@ -117,7 +104,8 @@ def build_qwen2_graph(state: dict[str, np.ndarray], shape: Qwen2Shape, dtype: st
     if missing:
         raise UnsupportedModelError(f"the weights lack {missing[:3]} (and {max(len(missing) - 3, 0)} more); "
                                     "is this a Qwen2 model?")
-    lm_head = state.get("lm_head.weight", state["model.embed_tokens.weight"])  # tied in the 1.5B/7B distills
+    embed = state.pop("model.embed_tokens.weight")
+    lm_head = state.pop("lm_head.weight", embed)  # tied in the 1.5B/7B distills
 
     # attention bookkeeping, shared by every layer: lengths per row from the right-padded mask
     (mask_sum,) = g.op("ReduceSum", ["attention_mask", g.const("axis_1", np.array([1], np.int64))], keepdims=0,
@@ -132,15 +120,15 @@ def build_qwen2_graph(state: dict[str, np.ndarray], shape: Qwen2Shape, dtype: st
     g.const("cos_cache", cos.astype(np_dtype))
     g.const("sin_cache", sin.astype(np_dtype))
 
-    (hidden,) = g.op("Gather", [g.weight("model.embed_tokens.weight", state["model.embed_tokens.weight"]),
+    (hidden,) = g.op("Gather", [g.weight("model.embed_tokens.weight", embed),
                                 "input_ids"], name="/model/embed_tokens/Gather")
     residual = None
     for i in range(s.layers):
         p = f"model.layers.{i}"
-        normed, residual = _norm(g, f"/{p}/input_layernorm", hidden, residual, state[f"{p}.input_layernorm.weight"],
-                                 s.rms_eps)
-        qkv_w = np.concatenate([state[f"{p}.self_attn.{x}_proj.weight"] for x in "qkv"])
-        qkv_b = (np.concatenate([state[f"{p}.self_attn.{x}_proj.bias"] for x in "qkv"])
+        normed, residual = _norm(g, f"/{p}/input_layernorm", hidden, residual,
+                                 state.pop(f"{p}.input_layernorm.weight"), s.rms_eps)
+        qkv_w = np.concatenate([state.pop(f"{p}.self_attn.{x}_proj.weight") for x in "qkv"])
+        qkv_b = (np.concatenate([state.pop(f"{p}.self_attn.{x}_proj.bias") for x in "qkv"])
                  if f"{p}.self_attn.q_proj.bias" in state else None)
         qkv = g.linear(f"{p}.self_attn.qkv_proj", normed, qkv_w, qkv_b)
         attn, _, _ = g.op(
@@ -150,19 +138,19 @@ def build_qwen2_graph(state: dict[str, np.ndarray], shape: Qwen2Shape, dtype: st
             ["/" + p + "/attn/out", f"present.{i}.key", f"present.{i}.value"], name=f"/{p}/attn/GroupQueryAttention",
             domain=MS, num_heads=s.heads, kv_num_heads=s.kv_heads, do_rotary=1, rotary_interleaved=0,
             scale=float(1 / np.sqrt(s.head_dim)), local_window_size=-1)
-        hidden = g.linear(f"{p}.self_attn.o_proj", attn, state[f"{p}.self_attn.o_proj.weight"])
+        hidden = g.linear(f"{p}.self_attn.o_proj", attn, state.pop(f"{p}.self_attn.o_proj.weight"))
         normed, residual = _norm(g, f"/{p}/post_attention_layernorm", hidden, residual,
-                                 state[f"{p}.post_attention_layernorm.weight"], s.rms_eps)
+                                 state.pop(f"{p}.post_attention_layernorm.weight"), s.rms_eps)
         gate_up = g.linear(f"{p}.mlp.gate_up_proj", normed, np.concatenate(
-            [state[f"{p}.mlp.gate_proj.weight"], state[f"{p}.mlp.up_proj.weight"]]))
+            [state.pop(f"{p}.mlp.gate_proj.weight"), state.pop(f"{p}.mlp.up_proj.weight")]))
         gate, up = g.op("Split", [gate_up, g.const(f"/{p}/mlp/split", np.array([s.ffn, s.ffn], np.int64))], 2,
                         axis=-1, name=f"/{p}/mlp/Split")
         (gate_sig,) = g.op("Sigmoid", [gate], name=f"/{p}/mlp/Sigmoid")
         (silu,) = g.op("Mul", [gate, gate_sig], name=f"/{p}/mlp/SiLU")
         (act,) = g.op("Mul", [silu, up], name=f"/{p}/mlp/Mul")
-        hidden = g.linear(f"{p}.mlp.down_proj", act, state[f"{p}.mlp.down_proj.weight"])
+        hidden = g.linear(f"{p}.mlp.down_proj", act, state.pop(f"{p}.mlp.down_proj.weight"))
 
-    normed, _ = _norm(g, "/model/norm", hidden, residual, state["model.norm.weight"], s.rms_eps)
+    normed, _ = _norm(g, "/model/norm", hidden, residual, state.pop("model.norm.weight"), s.rms_eps)
     (last,) = g.op("Slice", [normed, g.const("slice_start", np.array([-1], np.int64)),
                              g.const("slice_end", np.array([np.iinfo(np.int64).max], np.int64)),
                              g.const("slice_axis", np.array([1], np.int64))], name="/model/last_position/Slice")
@@ -176,11 +164,13 @@ def build_qwen2_graph(state: dict[str, np.ndarray], shape: Qwen2Shape, dtype: st
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", onnx_dtype, kv))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", onnx_dtype, kv))
-    graph = helper.make_graph(g.nodes, "r1box-qwen2-gqa", inputs, outputs, g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                              producer_name="r1box")
-    model.ir_version = 10
-    return model
+    g.graph.name = "r1box-qwen2-gqa"
+    g.graph.input.extend(inputs)
+    g.graph.output.extend(outputs)
+    g.model.opset_import.extend([helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)])
+    g.model.producer_name = "r1box"
+    g.model.ir_version = 10
+    return g.model
 
 
 def _norm(g: _Graph, name: str, x: str, residual: str | None, weight: np.ndarray, eps: float) -> tuple[str, str]:
