@@ -14,14 +14,12 @@ import uuid
 
 from aiohttp import web
 
-from appliance.chat import ChatService, Delta
+from appliance.app_keys import API_KEYS, CHAT
+from appliance.chat import Delta
 from appliance.engine import Finish
 from appliance.errors import EngineBusy, R1boxError, RequestError
 
 log = logging.getLogger(__name__)
-
-CHAT = web.AppKey("chat", ChatService)
-API_KEYS = web.AppKey("api_keys", tuple)
 
 routes = web.RouteTableDef()
 

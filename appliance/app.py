@@ -9,19 +9,23 @@ from pathlib import Path
 
 from aiohttp import web
 
-from appliance.api import API_KEYS, CHAT, api_key_middleware, errors_middleware, routes
+from appliance.api import api_key_middleware, errors_middleware, routes
+from appliance.app_keys import API_KEYS, CHAT, CONFIG, STORE, WECHAT
 from appliance.chat import ChatService
 from appliance.config import Config, ModelConfig
+from appliance.dialog.engine import Dialog
+from appliance.dialog.filter import WordFilter
 from appliance.engine import Engine, EngineConfig
 from appliance.errors import ConfigError
 from appliance.manifest import load_manifest
 from appliance.model import Decoder, open_decoder
+from appliance.store import Store
 from appliance.tokenizer import ChatTokenizer
+from appliance.wechat.callback import Callbacks
+from appliance.wechat.envelope import Account, ReplayGuard
+from appliance.wechat.service import WeChatService
 
 log = logging.getLogger(__name__)
-
-CONFIG = web.AppKey("config", Config)
-
 
 def resolve_artifact(model: ModelConfig) -> Path:
     """The configured artifact, or the catalog model's cached one (exported on first use where the export stage
@@ -53,6 +57,14 @@ def open_chat(model: ModelConfig, engine_config: EngineConfig) -> ChatService:
     return ChatService(manifest, ChatTokenizer(manifest), engine)
 
 
+async def _store_ctx(app: web.Application):
+    store = Store(app[CONFIG].store.file)
+    await asyncio.get_running_loop().run_in_executor(None, store.open)
+    app[STORE] = store
+    yield
+    await asyncio.get_running_loop().run_in_executor(None, store.close)
+
+
 async def _chat_ctx(app: web.Application):
     config = app[CONFIG]
     chat = await asyncio.get_running_loop().run_in_executor(None, open_chat, config.model, config.engine)
@@ -61,11 +73,42 @@ async def _chat_ctx(app: web.Application):
     await asyncio.get_running_loop().run_in_executor(None, chat.engine.stop)
 
 
+def wechat_accounts(config: Config) -> dict[str, Account]:
+    """The configured callback endpoints, by path."""
+    accounts = {}
+    if config.wechat.app_id:
+        w = config.wechat
+        accounts[w.path] = Account("mp", w.app_id, w.token, w.aes_key, w.previous_aes_key)
+    if config.wecom.corp_id:
+        w = config.wecom
+        accounts[w.path] = Account("wecom", w.corp_id, w.token, w.aes_key, w.previous_aes_key, w.agent_id)
+    return accounts
+
+
+def _wechat_ctx(callbacks: Callbacks):
+    async def ctx(app: web.Application):
+        config = app[CONFIG]
+        dialog = Dialog(app[CHAT], app[STORE], config.dialog, WordFilter.from_files(list(config.dialog.word_lists)))
+        service = WeChatService(app[STORE], dialog, config.wechat.deadline_s)
+        callbacks.service = app[WECHAT] = service
+        recovered = await service.recover()
+        if recovered:
+            log.info("answering %d messages received before the last stop", recovered)
+        yield
+    return ctx
+
+
 def create_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.server.max_body_kb << 10,
                           middlewares=[errors_middleware, api_key_middleware])
     app[CONFIG] = config
     app[API_KEYS] = config.server.api_keys
+    app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_chat_ctx)
     app.add_routes(routes)
+    accounts = wechat_accounts(config)
+    if accounts:
+        callbacks = Callbacks(None, accounts, ReplayGuard(config.wechat.timestamp_window_s))
+        callbacks.add_routes(app)
+        app.cleanup_ctx.append(_wechat_ctx(callbacks))
     return app

@@ -13,6 +13,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.dialog.engine import DialogConfig
 from appliance.engine import EngineConfig
 from appliance.errors import ConfigError
 
@@ -53,14 +54,63 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class WeChatConfig:
+    """The Official Account. Its Token and EncodingAESKey are secrets: R1BOX_WECHAT_TOKEN, R1BOX_WECHAT_AES_KEY
+    (and R1BOX_WECHAT_PREVIOUS_AES_KEY during a key rotation)."""
+
+    app_id: str = ""  # empty: no /wechat endpoint
+    path: str = "/wechat"
+    deadline_s: float = 4.5  # the platform gives 5 s; the reply must be on the wire before
+    timestamp_window_s: int = 300  # 0 turns the freshness check off
+    token: str = field(default="", repr=False)
+    aes_key: str = field(default="", repr=False)
+    previous_aes_key: str = field(default="", repr=False)
+
+    def __post_init__(self):
+        if not 0.5 <= self.deadline_s <= 4.8:
+            raise ValueError("deadline_s must be between 0.5 and 4.8 seconds")
+        if self.timestamp_window_s < 0:
+            raise ValueError("timestamp_window_s must be 0 (off) or positive")
+
+
+@dataclass(frozen=True)
+class WeComConfig:
+    """A WeCom self-built app. Secrets: R1BOX_WECOM_TOKEN, R1BOX_WECOM_AES_KEY (R1BOX_WECOM_PREVIOUS_AES_KEY)."""
+
+    corp_id: str = ""  # empty: no /wecom endpoint
+    agent_id: str = ""
+    path: str = "/wecom"
+    token: str = field(default="", repr=False)
+    aes_key: str = field(default="", repr=False)
+    previous_aes_key: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str = ""  # empty: $R1BOX_DATA/r1box.db, else ~/.local/share/r1box/r1box.db
+
+    @property
+    def file(self) -> Path:
+        if self.path:
+            return Path(self.path).expanduser()
+        return Path(os.environ.get("R1BOX_DATA") or Path.home() / ".local/share/r1box") / "r1box.db"
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig()
     server: ServerConfig = ServerConfig()
+    wechat: WeChatConfig = WeChatConfig()
+    wecom: WeComConfig = WeComConfig()
+    dialog: DialogConfig = DialogConfig()
+    store: StoreConfig = StoreConfig()
 
 
-_SECTIONS = {"model": ModelConfig, "engine": EngineConfig, "server": ServerConfig}
-_FROM_ENV_ONLY = {"api_keys"}
+_SECTIONS = {"model": ModelConfig, "engine": EngineConfig, "server": ServerConfig, "wechat": WeChatConfig,
+             "wecom": WeComConfig, "dialog": DialogConfig, "store": StoreConfig}
+_FROM_ENV_ONLY = {"api_keys", "token", "aes_key", "previous_aes_key"}
+_SECRETS = {"wechat": "R1BOX_WECHAT", "wecom": "R1BOX_WECOM"}
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, dict] | None = None) -> Config:
@@ -90,7 +140,26 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict] | Non
     if not server.loopback and not server.api_keys:
         raise ConfigError(f"{where} [server]: host {server.host} is reachable from other machines, so the API "
                           "needs keys: set R1BOX_API_KEYS=key1,key2 in the service's environment, or bind 127.0.0.1.")
-    return Config(sections["model"], sections["engine"], server)
+    for name, prefix in _SECRETS.items():
+        sections[name] = _with_secrets(sections[name], prefix, f"{where} [{name}]")
+    return Config(**{**sections, "server": server})
+
+
+def _with_secrets(section, prefix: str, where: str):
+    enabled = bool(getattr(section, "app_id", "") or getattr(section, "corp_id", ""))
+    secrets = {key: os.environ.get(f"{prefix}_{key.upper()}", "").strip()
+               for key in ("token", "aes_key", "previous_aes_key")}
+    if not enabled:
+        return section
+    if not secrets["token"]:
+        raise ConfigError(f"{where} is enabled but {prefix}_TOKEN is not set; put the Token from the platform's "
+                          "server configuration page in the service's environment.")
+    for key in ("aes_key", "previous_aes_key"):
+        if secrets[key] and len(secrets[key]) != 43:
+            raise ConfigError(f"{prefix}_{key.upper()} must be the 43-character EncodingAESKey.")
+    if prefix == "R1BOX_WECOM" and not secrets["aes_key"]:
+        raise ConfigError(f"{where}: WeCom callbacks are always encrypted; set {prefix}_AES_KEY.")
+    return dataclasses.replace(section, **secrets)
 
 
 def _build(cls, table: dict, where: str):
@@ -99,6 +168,8 @@ def _build(cls, table: dict, where: str):
         if key not in fields:
             raise ConfigError(f"{where}: unknown key {key!r}; known: {', '.join(fields)}.")
         expected = type(getattr(cls(), key))
+        if expected is tuple and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            table[key] = value = tuple(value)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             table[key] = value = float(value)
         if type(value) is not expected:

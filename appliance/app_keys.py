@@ -1,0 +1,14 @@
+"""The typed keys of the aiohttp application: what lives on the app, in one place."""
+
+from aiohttp import web
+
+from appliance.chat import ChatService
+from appliance.config import Config
+from appliance.store import Store
+from appliance.wechat.service import WeChatService
+
+CONFIG = web.AppKey("config", Config)
+CHAT = web.AppKey("chat", ChatService)  # the model, tokenizer and engine, ready once startup has run
+API_KEYS = web.AppKey("api_keys", tuple)  # bearer keys for /v1/ (R1BOX_API_KEYS); empty on loopback
+STORE = web.AppKey("store", Store)  # the SQLite database, opened on its own thread
+WECHAT = web.AppKey("wechat", WeChatService)  # present when an Official Account or WeCom app is configured

@@ -1,0 +1,184 @@
+"""Every message answered exactly once, in time.
+
+A message is recorded in the store before anything else happens to it, under a de-duplication key (MsgId and
+sender; sender and CreateTime for events), so the platform's retries, even across a restart, find the first
+delivery's row instead of a second model call. The callback waits for the answer up to its deadline: in time, the
+answer is the passive reply; late, the callback says `success` and the answer is kept for the user's next message
+("pull", for unverified accounts without the customer-service API). Rows still unanswered at start-up (the box died
+mid-answer) are answered again and kept the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from appliance.dialog.engine import Dialog
+from appliance.store import Store
+from appliance.wechat.envelope import split_utf8
+
+log = logging.getLogger(__name__)
+
+PULL_HINT = "回答生成中，请稍后发送任意消息获取。"
+UNSUPPORTED = "目前只能回答文字消息，请用文字描述您的问题。"
+
+
+@dataclass(frozen=True)
+class Inbound:
+    account: str
+    user: str
+    kind: str  # text, voice, image, event:subscribe, …
+    content: str
+    dedup_key: str
+    created_at: int
+
+
+def inbound_of(account: str, message) -> Inbound:
+    """The parts of a wechatpy message we keep; voice counts as text when the platform recognised it."""
+    kind = message.type
+    content = getattr(message, "content", "") or ""
+    if kind == "voice" and getattr(message, "recognition", None):
+        kind, content = "text", message.recognition
+    if kind == "event":
+        kind = f"event:{message.event}"
+    key = (f"{account}:{message.source}:msg:{message.id}" if getattr(message, "id", 0)
+           else f"{account}:{message.source}:{kind}:{message.time}")
+    return Inbound(account, message.source, kind, content, key, int(message.time))
+
+
+class WeChatService:
+    def __init__(self, store: Store, dialog: Dialog, deadline_s: float = 4.5):
+        self.store, self.dialog, self.deadline_s = store, dialog, deadline_s
+        self._answering: dict[str, asyncio.Task] = {}
+        self.counters = {"received": 0, "duplicates": 0, "passive": 0, "pulled": 0, "late": 0}
+
+    async def recover(self) -> int:
+        """Answer what was received but never answered before the last stop; the answers wait for a pull."""
+        rows = await self.store.run(_unanswered)
+        for row in rows:
+            self._start(Inbound(row["account"], row["user"], row["kind"], row["content"] or "", row["dedup_key"],
+                                row["created_at"]))
+        return len(rows)
+
+    async def on_message(self, message: Inbound) -> str | None:
+        """The passive reply's text, or None for `success`. Never takes longer than the deadline."""
+        started = time.monotonic()
+        self.counters["received"] += 1
+        new = await self.store.run(_record, message)
+        if not new:
+            self.counters["duplicates"] += 1
+            return await self._retry(message, started)
+        if message.kind == "event:unsubscribe":
+            await self.dialog.forget(message.account, message.user)
+            await self.store.run(_finish, message.dedup_key, "", "none")
+            return None
+        if message.kind.startswith("event:"):
+            await self.store.run(_finish, message.dedup_key, "", "none")
+            return self.dialog.config.help_text if message.kind.startswith("event:subscribe") else None
+        pending = await self.store.run(_take_pending, message.account, message.user)
+        if message.kind != "text":
+            await self.store.run(_finish, message.dedup_key, UNSUPPORTED, "passive")
+            return _merge(pending, UNSUPPORTED)
+        task = self._start(message)
+        if pending:  # the last answers were late: they go now, and this message's answer waits for the next
+            self.counters["pulled"] += 1
+            return _merge(pending, PULL_HINT)
+        return await self._deliver_in_time(message, task, started)
+
+    def _start(self, message: Inbound) -> asyncio.Task:
+        task = asyncio.create_task(self._answer(message))
+        self._answering[message.dedup_key] = task
+        task.add_done_callback(lambda _: self._answering.pop(message.dedup_key, None))
+        return task
+
+    async def _answer(self, message: Inbound) -> str:
+        try:
+            answer = await self.dialog.answer(message.account, message.user, message.content)
+        except Exception:
+            log.exception("answering %s failed; it stays for a retry at the next start", message.dedup_key)
+            raise
+        await self.store.run(_set_answer, message.dedup_key, answer)
+        return answer
+
+    async def _deliver_in_time(self, message: Inbound, task: asyncio.Task, started: float) -> str | None:
+        left = self.deadline_s - (time.monotonic() - started)
+        try:
+            answer = await asyncio.wait_for(asyncio.shield(task), max(left, 0.0))
+        except (asyncio.TimeoutError, Exception):
+            self.counters["late"] += 1
+            return None
+        if await self.store.run(_claim, message.dedup_key, "passive"):
+            self.counters["passive"] += 1
+            return answer
+        return None
+
+    async def _retry(self, message: Inbound, started: float) -> str | None:
+        """The platform asked again: hand over the answer if it is ready and nobody delivered it yet."""
+        task = self._answering.get(message.dedup_key)
+        if task is not None:
+            return await self._deliver_in_time(message, task, started)
+        row = await self.store.run(_row, message.dedup_key)
+        if row and row["status"] == "answered" and await self.store.run(_claim, message.dedup_key, "passive"):
+            self.counters["passive"] += 1
+            return row["answer"]
+        return None
+
+
+def _merge(pending: list[str], then: str) -> str:
+    """Pending answers first, within one reply's 2048 bytes; what does not fit is cut with a note."""
+    text = "\n\n".join(pending + [then])
+    pieces = split_utf8(text, 2048 - 60)
+    return pieces[0] + ("\n……（回答较长，已截断）" if len(pieces) > 1 else "")
+
+
+# ---- store functions, run on the store's thread ----
+
+def _record(db, m: Inbound) -> bool:
+    cursor = db.execute(
+        "INSERT OR IGNORE INTO inbound (account, dedup_key, user, kind, content, created_at, received_at, status) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, 'received')",
+        [m.account, m.dedup_key, m.user, m.kind, m.content, m.created_at, time.time()])
+    db.conn.commit()
+    return cursor.rowcount == 1
+
+
+def _row(db, key: str) -> dict | None:
+    rows = list(db["inbound"].rows_where("dedup_key = ?", [key]))
+    return rows[0] if rows else None
+
+
+def _set_answer(db, key: str, answer: str) -> None:
+    db.execute("UPDATE inbound SET answer = ?, answered_at = ?, status = 'answered' WHERE dedup_key = ? "
+               "AND status = 'received'", [answer, time.time(), key])
+    db.conn.commit()
+
+
+def _claim(db, key: str, delivery: str) -> bool:
+    """Mark the answer delivered; False when another path delivered it first."""
+    cursor = db.execute("UPDATE inbound SET status = 'delivered', delivery = ?, delivered_at = ? "
+                        "WHERE dedup_key = ? AND status = 'answered'", [delivery, time.time(), key])
+    db.conn.commit()
+    return cursor.rowcount == 1
+
+
+def _finish(db, key: str, answer: str, delivery: str) -> None:
+    now = time.time()
+    db.execute("UPDATE inbound SET answer = ?, answered_at = ?, status = 'delivered', delivery = ?, delivered_at = ? "
+               "WHERE dedup_key = ?", [answer, now, delivery, now, key])
+    db.conn.commit()
+
+
+def _take_pending(db, account: str, user: str) -> list[str]:
+    rows = db.execute("SELECT id, answer FROM inbound WHERE account = ? AND user = ? AND status = 'answered' "
+                      "ORDER BY id", [account, user]).fetchall()
+    if rows:
+        db.execute(f"UPDATE inbound SET status = 'delivered', delivery = 'pull', delivered_at = ? "
+                   f"WHERE id IN ({','.join('?' * len(rows))})", [time.time(), *[r[0] for r in rows]])
+        db.conn.commit()
+    return [answer for _, answer in rows]
+
+
+def _unanswered(db) -> list[dict]:
+    return list(db["inbound"].rows_where("status = 'received' AND kind = 'text'", order_by="id"))
