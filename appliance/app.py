@@ -7,6 +7,7 @@ import asyncio
 import logging
 from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 
 from appliance.api import api_key_middleware, errors_middleware, routes
@@ -22,6 +23,8 @@ from appliance.model import Decoder, open_decoder
 from appliance.store import Store
 from appliance.tokenizer import ChatTokenizer
 from appliance.wechat.callback import Callbacks
+from appliance.wechat.client import Credentials, TokenManager, WeChatClient
+from appliance.wechat.outbox import Outbox
 from appliance.wechat.envelope import Account, ReplayGuard
 from appliance.wechat.service import WeChatService
 
@@ -85,16 +88,39 @@ def wechat_accounts(config: Config) -> dict[str, Account]:
     return accounts
 
 
+def push_credentials(config: Config) -> dict[str, tuple[Credentials, str]]:
+    """Accounts that push late answers, with their API base URL."""
+    out = {}
+    if config.wechat.app_id and config.wechat.delivery == "push":
+        out[config.wechat.app_id] = (Credentials("mp", config.wechat.app_id, config.wechat.app_secret,
+                                                 config.wechat.stable_token), config.wechat.api_base_url)
+    if config.wecom.corp_id and config.wecom.app_secret:
+        out[config.wecom.corp_id] = (Credentials("wecom", config.wecom.corp_id, config.wecom.app_secret,
+                                                 agent_id=config.wecom.agent_id), config.wecom.api_base_url)
+    return out
+
+
 def _wechat_ctx(callbacks: Callbacks):
     async def ctx(app: web.Application):
-        config = app[CONFIG]
-        dialog = Dialog(app[CHAT], app[STORE], config.dialog, WordFilter.from_files(list(config.dialog.word_lists)))
-        service = WeChatService(app[STORE], dialog, config.wechat.deadline_s)
+        config, store = app[CONFIG], app[STORE]
+        dialog = Dialog(app[CHAT], store, config.dialog, WordFilter.from_files(list(config.dialog.word_lists)))
+        pushing = push_credentials(config)
+        outbox, session = None, None
+        if pushing:
+            session = aiohttp.ClientSession()
+            tokens = {app_id: TokenManager(WeChatClient(session, base), creds, store)
+                      for app_id, (creds, base) in pushing.items()}
+            outbox = Outbox(store, tokens, {app_id: creds for app_id, (creds, _) in pushing.items()})
+            outbox.start()
+        service = WeChatService(store, dialog, config.wechat.deadline_s, outbox, frozenset(pushing))
         callbacks.service = app[WECHAT] = service
         recovered = await service.recover()
         if recovered:
             log.info("answering %d messages received before the last stop", recovered)
         yield
+        if outbox:
+            await outbox.stop()
+            await session.close()
     return ctx
 
 

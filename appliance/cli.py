@@ -147,6 +147,39 @@ def cmd_serve(args) -> None:
     web.run_app(create_app(config), host=config.server.host, port=config.server.port, print=None)
 
 
+def cmd_wechat_sim(args) -> None:
+    """Send one message to a running box as the platform would, and print the reply."""
+    import asyncio
+    import os
+    import random
+
+    import aiohttp
+
+    from appliance.wechat.envelope import Account
+    from appliance.wechat.sim import Platform, text_message
+
+    token = os.environ.get("R1BOX_WECHAT_TOKEN", "")
+    if not token:
+        raise R1boxError("set R1BOX_WECHAT_TOKEN (and R1BOX_WECHAT_AES_KEY for --mode safe or compat) to the box's.")
+    platform = Platform(Account("mp", args.app_id, token, os.environ.get("R1BOX_WECHAT_AES_KEY", "")), args.mode)
+
+    async def send() -> tuple[int, str]:
+        request = platform.message(text_message(args.app_id, args.user, args.text, random.randrange(1, 2**62)))
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{args.url}?{request.query}", data=request.body,
+                                    timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                return resp.status, await resp.text()
+
+    try:
+        status, body = asyncio.run(send())
+    except (aiohttp.ClientError, TimeoutError) as e:
+        raise R1boxError(f"{args.url}: {type(e).__name__}: {e}; is the box up?") from None
+    if status != 200:
+        raise R1boxError(f"{args.url} answered {status}: {body[:200]}")
+    reply = platform.read_reply(body)
+    print(reply if reply is not None else "(success: the answer comes later)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r1box", description="Local DeepSeek-R1-family assistant for WeChat.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact", help="artifact directory (overrides [model] artifact)")
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("wechat-sim", help="send a message to a running box as the WeChat platform would")
+    p.add_argument("text")
+    p.add_argument("--url", default="http://127.0.0.1:8080/wechat")
+    p.add_argument("--app-id", required=True)
+    p.add_argument("--user", default="sim-user")
+    p.add_argument("--mode", choices=["plain", "compat", "safe"], default="plain")
+    p.set_defaults(func=cmd_wechat_sim)
     return parser
 
 

@@ -62,11 +62,17 @@ class WeChatConfig:
     path: str = "/wechat"
     deadline_s: float = 4.5  # the platform gives 5 s; the reply must be on the wire before
     timestamp_window_s: int = 300  # 0 turns the freshness check off
+    delivery: str = "pull"  # late answers: "push" (customer-service API, verified accounts) or "pull"
+    api_base_url: str = "https://api.weixin.qq.com"  # or a fixed-IP proxy (error 40164)
+    stable_token: bool = True
     token: str = field(default="", repr=False)
     aes_key: str = field(default="", repr=False)
     previous_aes_key: str = field(default="", repr=False)
+    app_secret: str = field(default="", repr=False)  # R1BOX_WECHAT_APP_SECRET, needed for push
 
     def __post_init__(self):
+        if self.delivery not in ("push", "pull"):
+            raise ValueError("delivery must be push or pull")
         if not 0.5 <= self.deadline_s <= 4.8:
             raise ValueError("deadline_s must be between 0.5 and 4.8 seconds")
         if self.timestamp_window_s < 0:
@@ -80,9 +86,11 @@ class WeComConfig:
     corp_id: str = ""  # empty: no /wecom endpoint
     agent_id: str = ""
     path: str = "/wecom"
+    api_base_url: str = "https://qyapi.weixin.qq.com"
     token: str = field(default="", repr=False)
     aes_key: str = field(default="", repr=False)
     previous_aes_key: str = field(default="", repr=False)
+    app_secret: str = field(default="", repr=False)  # R1BOX_WECOM_APP_SECRET: late answers are pushed with it
 
 
 @dataclass(frozen=True)
@@ -109,7 +117,7 @@ class Config:
 
 _SECTIONS = {"model": ModelConfig, "engine": EngineConfig, "server": ServerConfig, "wechat": WeChatConfig,
              "wecom": WeComConfig, "dialog": DialogConfig, "store": StoreConfig}
-_FROM_ENV_ONLY = {"api_keys", "token", "aes_key", "previous_aes_key"}
+_FROM_ENV_ONLY = {"api_keys", "token", "aes_key", "previous_aes_key", "app_secret"}
 _SECRETS = {"wechat": "R1BOX_WECHAT", "wecom": "R1BOX_WECOM"}
 
 
@@ -148,7 +156,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict] | Non
 def _with_secrets(section, prefix: str, where: str):
     enabled = bool(getattr(section, "app_id", "") or getattr(section, "corp_id", ""))
     secrets = {key: os.environ.get(f"{prefix}_{key.upper()}", "").strip()
-               for key in ("token", "aes_key", "previous_aes_key")}
+               for key in ("token", "aes_key", "previous_aes_key", "app_secret")}
     if not enabled:
         return section
     if not secrets["token"]:
@@ -157,6 +165,8 @@ def _with_secrets(section, prefix: str, where: str):
     for key in ("aes_key", "previous_aes_key"):
         if secrets[key] and len(secrets[key]) != 43:
             raise ConfigError(f"{prefix}_{key.upper()} must be the 43-character EncodingAESKey.")
+    if getattr(section, "delivery", "") == "push" and not secrets["app_secret"]:
+        raise ConfigError(f"{where}: delivery = \"push\" needs {prefix}_APP_SECRET for the customer-service API.")
     if prefix == "R1BOX_WECOM" and not secrets["aes_key"]:
         raise ConfigError(f"{where}: WeCom callbacks are always encrypted; set {prefix}_AES_KEY.")
     return dataclasses.replace(section, **secrets)

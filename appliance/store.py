@@ -42,10 +42,22 @@ def _m0002_dialog_turns(db: sqlite_utils.Database) -> None:
     db["turns"].create_index(["account", "user", "id"])
 
 
+def _m0003_outbox_and_tokens(db: sqlite_utils.Database) -> None:
+    # answers to push through the customer-service API, written before the first attempt
+    db["outbox"].create({
+        "id": int, "account": str, "user": str, "inbound_key": str, "content": str, "created_at": float,
+        "attempts": int, "next_attempt_at": float, "status": str, "last_error": str, "sent_at": float,
+    }, pk="id", not_null={"account", "user", "content", "created_at", "status"}, defaults={"attempts": 0})
+    db["outbox"].create_index(["status", "next_attempt_at"])
+    db["outbox"].create_index(["account", "user", "sent_at"])
+    db["tokens"].create({"app_id": str, "token": str, "expires_at": float}, pk="app_id")
+
+
 # Append only: a released migration is never edited or reordered; its name is recorded once applied.
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_wechat_inbound", _m0001_wechat_inbound),
     ("0002_dialog_turns", _m0002_dialog_turns),
+    ("0003_outbox_and_tokens", _m0003_outbox_and_tokens),
 ]
 
 

@@ -3,9 +3,9 @@
 A message is recorded in the store before anything else happens to it, under a de-duplication key (MsgId and
 sender; sender and CreateTime for events), so the platform's retries, even across a restart, find the first
 delivery's row instead of a second model call. The callback waits for the answer up to its deadline: in time, the
-answer is the passive reply; late, the callback says `success` and the answer is kept for the user's next message
-("pull", for unverified accounts without the customer-service API). Rows still unanswered at start-up (the box died
-mid-answer) are answered again and kept the same way.
+answer is the passive reply; late, the callback says `success` and the answer goes out through the outbox
+("push", verified accounts) or is kept for the user's next message ("pull", accounts without the customer-service
+API). Rows still unanswered at start-up (the box died mid-answer) are answered again and delivered the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from appliance.dialog.engine import Dialog
 from appliance.store import Store
 from appliance.wechat.envelope import split_utf8
+from appliance.wechat.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +50,20 @@ def inbound_of(account: str, message) -> Inbound:
 
 
 class WeChatService:
-    def __init__(self, store: Store, dialog: Dialog, deadline_s: float = 4.5):
+    def __init__(self, store: Store, dialog: Dialog, deadline_s: float = 4.5, outbox: Outbox | None = None,
+                 push_accounts: frozenset[str] = frozenset()):
         self.store, self.dialog, self.deadline_s = store, dialog, deadline_s
+        self.outbox, self.push_accounts = outbox, push_accounts
         self._answering: dict[str, asyncio.Task] = {}
-        self.counters = {"received": 0, "duplicates": 0, "passive": 0, "pulled": 0, "late": 0}
+        self.counters = {"received": 0, "duplicates": 0, "passive": 0, "pulled": 0, "pushed": 0, "late": 0}
 
     async def recover(self) -> int:
         """Answer what was received but never answered before the last stop; the answers wait for a pull."""
         rows = await self.store.run(_unanswered)
         for row in rows:
-            self._start(Inbound(row["account"], row["user"], row["kind"], row["content"] or "", row["dedup_key"],
-                                row["created_at"]))
+            message = Inbound(row["account"], row["user"], row["kind"], row["content"] or "", row["dedup_key"],
+                              row["created_at"])
+            self._when_done_push(message, self._start(message))
         return len(rows)
 
     async def on_message(self, message: Inbound) -> str | None:
@@ -108,11 +112,29 @@ class WeChatService:
             answer = await asyncio.wait_for(asyncio.shield(task), max(left, 0.0))
         except (asyncio.TimeoutError, Exception):
             self.counters["late"] += 1
+            self._when_done_push(message, task)
             return None
         if await self.store.run(_claim, message.dedup_key, "passive"):
             self.counters["passive"] += 1
             return answer
         return None
+
+    def _when_done_push(self, message: Inbound, task: asyncio.Task) -> None:
+        """Late answers of accounts that may push go out through the outbox; the others wait for a pull."""
+        if self.outbox is None or message.account not in self.push_accounts:
+            return
+
+        def done(t: asyncio.Task) -> None:
+            if not t.cancelled() and t.exception() is None:
+                asyncio.get_running_loop().create_task(self._push(message))
+
+        task.add_done_callback(done)
+
+    async def _push(self, message: Inbound) -> None:
+        answer = await self.store.run(_claim_for_push, message.dedup_key)
+        if answer is not None:  # None: delivered meanwhile, passively or by a pull
+            self.counters["pushed"] += 1
+            await self.outbox.push(message.account, message.user, message.dedup_key, answer)
 
     async def _retry(self, message: Inbound, started: float) -> str | None:
         """The platform asked again: hand over the answer if it is ready and nobody delivered it yet."""
@@ -161,6 +183,15 @@ def _claim(db, key: str, delivery: str) -> bool:
                         "WHERE dedup_key = ? AND status = 'answered'", [delivery, time.time(), key])
     db.conn.commit()
     return cursor.rowcount == 1
+
+
+def _claim_for_push(db, key: str) -> str | None:
+    cursor = db.execute("UPDATE inbound SET status = 'pushing', delivery = 'push' WHERE dedup_key = ? "
+                        "AND status = 'answered'", [key])
+    db.conn.commit()
+    if cursor.rowcount != 1:
+        return None
+    return db.execute("SELECT answer FROM inbound WHERE dedup_key = ?", [key]).fetchone()[0]
 
 
 def _finish(db, key: str, answer: str, delivery: str) -> None:

@@ -1,0 +1,52 @@
+"""`r1box serve` as a process, the way the appliance runs it: it comes up healthy, answers a message sent by
+`r1box wechat-sim`, and stops cleanly on SIGTERM."""
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_answers_wechat_sim_and_stops_on_sigterm(tiny_fp32, tmp_path):
+    port = _free_port()
+    config = tmp_path / "r1box.toml"
+    config.write_text(f'[model]\nartifact = "{tiny_fp32}"\nthreads = 1\n[engine]\nmax_batch = 2\nmax_length = 256\n'
+                      'think_budget = 4\n[wechat]\napp_id = "wx-serve-test"\n[dialog]\nmax_tokens = 8\n'
+                      f'[store]\npath = "{tmp_path / "r1box.db"}"\n[server]\nport = {port}\n')
+    env = dict(os.environ, R1BOX_WECHAT_TOKEN="serve-token",
+               R1BOX_WECHAT_AES_KEY=base64.b64encode(bytes(32)).decode().rstrip("="))
+    server = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--config", str(config)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        health = None
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as resp:
+                    health = json.load(resp)
+                    break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()
+                time.sleep(0.1)
+        assert health and health["status"] == "ok"
+        for mode in ("plain", "safe"):
+            sim = subprocess.run([sys.executable, "-m", "appliance.cli", "wechat-sim", "你好", "--app-id",
+                                  "wx-serve-test", "--mode", mode, "--url", f"http://127.0.0.1:{port}/wechat"],
+                                 env=env, capture_output=True, text=True, timeout=60)
+            assert sim.returncode == 0, sim.stderr
+            assert sim.stdout.strip()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        output = server.communicate(timeout=30)[0]
+    assert server.returncode == 0, output
+    assert "serve-token" not in output  # secrets never in logs

@@ -1,0 +1,149 @@
+"""Push delivery through the customer-service API against a local fake of the platform: late answers pushed once,
+a refused token refreshed once, a network cut waited out, refusals turned into pull, the per-user quota kept."""
+
+import asyncio
+import base64
+import time
+
+import pytest
+
+from appliance.app import create_app
+from appliance.app_keys import STORE, WECHAT
+from appliance.config import load_config
+from appliance.store import Store
+from appliance.wechat.envelope import Account
+from appliance.wechat.outbox import MORE, _enqueue
+from appliance.wechat.sim import Platform, text_message
+from tests.fake_wechat_api import FakeWeChatApi
+
+TOKEN = "AAAAA"
+KEY = base64.b64encode(bytes(range(32))).decode().rstrip("=")
+APP_ID = "wx-push-account"
+PLATFORM = Platform(Account("mp", APP_ID, TOKEN, KEY))
+
+
+@pytest.fixture
+async def api(aiohttp_server):
+    fake = FakeWeChatApi()
+    fake.server = await aiohttp_server(fake.app)
+    return fake
+
+
+@pytest.fixture
+def config_file(tiny_fp32, tmp_path, monkeypatch, api):
+    monkeypatch.setenv("R1BOX_WECHAT_TOKEN", TOKEN)
+    monkeypatch.setenv("R1BOX_WECHAT_APP_SECRET", "app-secret-for-tests")
+    path = tmp_path / "r1box.toml"
+    path.write_text(f'[model]\nartifact = "{tiny_fp32}"\nthreads = 1\n'
+                    '[engine]\nmax_batch = 4\nmax_length = 256\nthink_budget = 4\n'
+                    f'[wechat]\napp_id = "{APP_ID}"\ndelivery = "push"\n'
+                    f'api_base_url = "http://127.0.0.1:{api.server.port}"\n'
+                    '[dialog]\nmax_tokens = 12\n'
+                    f'[store]\npath = "{tmp_path / "r1box.db"}"\n')
+    return path
+
+
+async def _late_message(client, user: str, msg_id: int):
+    client.app[WECHAT].deadline_s = 0.01  # every answer is late
+    request = PLATFORM.message(text_message(APP_ID, user, "你好", msg_id))
+    resp = await client.post(f"/wechat?{request.query}", data=request.body)
+    assert resp.status == 200 and await resp.text() == "success"
+
+
+async def _until(condition, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if await condition():
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def _inbound(client, user):
+    return await client.app[STORE].run(lambda db: list(db["inbound"].rows_where("user = ?", [user])))
+
+
+async def test_late_answer_is_pushed_once(aiohttp_client, config_file, api):
+    client = await aiohttp_client(create_app(load_config(config_file)))
+    await _late_message(client, "push-user", 1)
+    assert await _until(lambda: _sent_to(api, "push-user"))
+    await asyncio.sleep(0.3)
+    assert len([s for s in api.sent if s["touser"] == "push-user"]) == 1
+    row = (await _inbound(client, "push-user"))[0]
+    assert (row["status"], row["delivery"]) == ("delivered", "push")
+    assert api.sent[0]["text"]["content"] == row["answer"]
+
+
+async def _sent_to(api, user):
+    return any(s["touser"] == user for s in api.sent)
+
+
+async def test_a_refused_token_is_refreshed_once(aiohttp_client, config_file, api):
+    client = await aiohttp_client(create_app(load_config(config_file)))
+    api.send_errors = [40001]
+    await _late_message(client, "token-user", 2)
+    assert await _until(lambda: _sent_to(api, "token-user"))
+    assert api.tokens_issued == 2  # the first token, and one refresh
+
+
+async def test_network_cut_is_waited_out_and_nothing_is_lost(aiohttp_client, config_file, api):
+    app = create_app(load_config(config_file))
+    client = await aiohttp_client(app)
+    port = api.server.port
+    await api.server.close()  # the network is down
+    outbox = client.app[WECHAT].outbox
+    outbox.max_backoff_s = 0.2
+    await _late_message(client, "cut-user", 3)
+    assert await _until(lambda: _attempted(client))
+    assert (await outbox.pending())[0] == 1
+    api.server = await _restart(api, port)  # the network is back
+    assert await _until(lambda: _sent_to(api, "cut-user"))
+    assert (await outbox.pending())[0] == 0
+
+
+async def _attempted(client):
+    return await client.app[STORE].run(lambda db: db.execute(
+        "SELECT count(*) FROM outbox WHERE attempts > 0").fetchone()[0] > 0)
+
+
+async def _restart(api, port):
+    from aiohttp.test_utils import TestServer
+
+    server = TestServer(api.app, port=port)
+    await server.start_server()
+    return server
+
+
+@pytest.mark.parametrize("code, alert", [(45015, False), (45047, False), (48001, True)])
+async def test_refusals_turn_into_pull(aiohttp_client, config_file, api, code, alert):
+    client = await aiohttp_client(create_app(load_config(config_file)))
+    api.send_errors = [code]
+    await _late_message(client, f"refused-{code}", 4)
+    assert await _until(lambda: _status(client, f"refused-{code}", "answered"))
+    assert bool(client.app[WECHAT].outbox.alerts) == alert
+    client.app[WECHAT].deadline_s = 4.5
+    request = PLATFORM.message(text_message(APP_ID, f"refused-{code}", "还在吗", 5))
+    reply = PLATFORM.read_reply(await (await client.post(f"/wechat?{request.query}", data=request.body)).text())
+    assert reply and "回答生成中" in reply
+
+
+async def _status(client, user, status):
+    rows = await _inbound(client, user)
+    return bool(rows) and rows[0]["status"] == status
+
+
+async def test_the_user_quota_is_kept_and_the_rest_waits_for_a_pull(tmp_path):
+    store = Store(tmp_path / "quota.db")
+    store.open()
+    now = time.time()
+    long_answer = "长" * (682 * 7)  # seven pieces of 2046 bytes
+    await store.run(lambda db: db["inbound"].insert({"account": "a", "dedup_key": "k", "user": "u", "kind": "text",
+                                                     "received_at": now, "status": "pushing"}))
+    await store.run(_enqueue, "a", "u", "k", long_answer, now)
+    rows = await store.run(lambda db: list(db["outbox"].rows_where("user = 'u'", order_by="id")))
+    assert len(rows) == 5 and rows[-1]["content"].endswith(MORE)
+    assert all(len(r["content"].encode()) <= 2048 for r in rows)
+    inbound = await store.run(lambda db: db["inbound"].get(1))
+    assert inbound["status"] == "answered"
+    assert "".join(r["content"].removesuffix(MORE) for r in rows) + inbound["answer"] == long_answer
+    store.close()
