@@ -31,6 +31,7 @@ class KvCache:
         self.row_bytes = kv_heads * max_length * head_dim * self.dtype.itemsize
         self.lengths = np.zeros(slots, np.int64)  # valid positions per slot
         self.free = set(range(slots))
+        self.bindings: dict[tuple, ort.IOBinding] = {}  # the decoder's, per row range: at most slots² of them
 
     @property
     def bytes_per_token(self) -> int:

@@ -81,13 +81,23 @@ class Decoder:
         assert new_lengths.shape == (rows,) and int(new_lengths.max()) <= cache.max_length
         assert np.all(new_lengths - new >= 0)
         mask = (np.arange(int(new_lengths.max()))[None, :] < new_lengths[:, None]).astype(np.int64)
-        binding = self.session.io_binding()
+        binding = self._binding(cache, first, rows)
         binding.bind_cpu_input(self.io["input_ids"], np.ascontiguousarray(tokens, np.int64))
         binding.bind_cpu_input(self.io["attention_mask"], mask)
-        binding.bind_output(self.io["logits"], "cpu")
-        cache.bind(binding, self.kv_names, first, rows)
+        logits = np.empty((rows, 1, self.vocab), self.kv_dtype)  # written by the run itself, no copy after
+        binding.bind_output(self.io["logits"], "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy().reshape(rows, -1).astype(np.float32, copy=False)
+        return logits.reshape(rows, -1).astype(np.float32, copy=False)
+
+    def _binding(self, cache: KvCache, first: int, rows: int) -> ort.IOBinding:
+        """The KV buffers' bindings depend only on the cache and the row range: made once per range and kept on
+        the cache, so they live exactly as long as the memory they point to."""
+        key = (id(self.session), first, rows)
+        if key not in cache.bindings:
+            binding = self.session.io_binding()
+            cache.bind(binding, self.kv_names, first, rows)
+            cache.bindings[key] = binding
+        return cache.bindings[key]
 
     def prefill(self, cache: KvCache, slot: int, tokens: list[int] | np.ndarray, chunk: int = 0) -> np.ndarray:
         """Append tokens to a slot (after whatever it holds), in chunks of `chunk` (0: at once); last logits [vocab]."""
