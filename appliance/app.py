@@ -25,7 +25,7 @@ from appliance.tokenizer import ChatTokenizer
 from appliance.wechat.callback import Callbacks
 from appliance.wechat.client import Credentials, TokenManager, WeChatClient
 from appliance.wechat.outbox import Outbox
-from appliance.wechat.envelope import Account, ReplayGuard
+from appliance.wechat.envelope import Account
 from appliance.wechat.service import WeChatService
 
 log = logging.getLogger(__name__)
@@ -81,10 +81,12 @@ def wechat_accounts(config: Config) -> dict[str, Account]:
     accounts = {}
     if config.wechat.app_id:
         w = config.wechat
-        accounts[w.path] = Account("mp", w.app_id, w.token, w.aes_key, w.previous_aes_key)
+        accounts[w.path] = Account("mp", w.app_id, w.token, w.encoding_aes_key, w.previous_encoding_aes_key, mode=w.mode,
+                                   replay_window_s=w.replay_window_s)
     if config.wecom.corp_id:
         w = config.wecom
-        accounts[w.path] = Account("wecom", w.corp_id, w.token, w.aes_key, w.previous_aes_key, w.agent_id)
+        accounts[w.path] = Account("wecom", w.corp_id, w.token, w.encoding_aes_key, w.previous_encoding_aes_key,
+                                   w.agent_id, "safe", w.replay_window_s)
     return accounts
 
 
@@ -94,8 +96,8 @@ def push_credentials(config: Config) -> dict[str, tuple[Credentials, str]]:
     if config.wechat.app_id and config.wechat.delivery == "push":
         out[config.wechat.app_id] = (Credentials("mp", config.wechat.app_id, config.wechat.app_secret,
                                                  config.wechat.stable_token), config.wechat.api_base_url)
-    if config.wecom.corp_id and config.wecom.app_secret:
-        out[config.wecom.corp_id] = (Credentials("wecom", config.wecom.corp_id, config.wecom.app_secret,
+    if config.wecom.corp_id and config.wecom.corp_secret:
+        out[config.wecom.corp_id] = (Credentials("wecom", config.wecom.corp_id, config.wecom.corp_secret,
                                                  agent_id=config.wecom.agent_id), config.wecom.api_base_url)
     return out
 
@@ -134,7 +136,7 @@ def create_app(config: Config) -> web.Application:
     app.add_routes(routes)
     accounts = wechat_accounts(config)
     if accounts:
-        callbacks = Callbacks(None, accounts, ReplayGuard(config.wechat.timestamp_window_s))
+        callbacks = Callbacks(None, accounts)
         callbacks.add_routes(app)
         app.cleanup_ctx.append(_wechat_ctx(callbacks))
     return app

@@ -160,8 +160,10 @@ def cmd_wechat_sim(args) -> None:
 
     token = os.environ.get("R1BOX_WECHAT_TOKEN", "")
     if not token:
-        raise R1boxError("set R1BOX_WECHAT_TOKEN (and R1BOX_WECHAT_AES_KEY for --mode safe or compat) to the box's.")
-    platform = Platform(Account("mp", args.app_id, token, os.environ.get("R1BOX_WECHAT_AES_KEY", "")), args.mode)
+        raise R1boxError("set R1BOX_WECHAT_TOKEN (and R1BOX_WECHAT_ENCODING_AES_KEY for --mode safe or compat) to "
+                         "the box's.")
+    platform = Platform(Account("mp", args.app_id, token, os.environ.get("R1BOX_WECHAT_ENCODING_AES_KEY", "")),
+                        args.mode)
 
     async def send() -> tuple[int, str]:
         request = platform.message(text_message(args.app_id, args.user, args.text, random.randrange(1, 2**62)))

@@ -55,42 +55,58 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class WeChatConfig:
-    """The Official Account. Its Token and EncodingAESKey are secrets: R1BOX_WECHAT_TOKEN, R1BOX_WECHAT_AES_KEY
-    (and R1BOX_WECHAT_PREVIOUS_AES_KEY during a key rotation)."""
+    """The Official Account. Its secrets may sit here or come from the environment, which wins:
+    R1BOX_WECHAT_TOKEN, R1BOX_WECHAT_ENCODING_AES_KEY, R1BOX_WECHAT_PREVIOUS_ENCODING_AES_KEY (during a key
+    rotation), R1BOX_WECHAT_APP_SECRET."""
 
     app_id: str = ""  # empty: no /wechat endpoint
+    mode: str = "safe"  # the account's message encryption: plain, compat or safe
     path: str = "/wechat"
     deadline_s: float = 4.5  # the platform gives 5 s; the reply must be on the wire before
-    timestamp_window_s: int = 300  # 0 turns the freshness check off
+    replay_window_s: int = 300  # requests this far from now are refused; 0 turns the check off
     delivery: str = "pull"  # late answers: "push" (customer-service API, verified accounts) or "pull"
     api_base_url: str = "https://api.weixin.qq.com"  # or a fixed-IP proxy (error 40164)
     stable_token: bool = True
     token: str = field(default="", repr=False)
-    aes_key: str = field(default="", repr=False)
-    previous_aes_key: str = field(default="", repr=False)
-    app_secret: str = field(default="", repr=False)  # R1BOX_WECHAT_APP_SECRET, needed for push
+    encoding_aes_key: str = field(default="", repr=False)
+    previous_encoding_aes_key: str = field(default="", repr=False)
+    app_secret: str = field(default="", repr=False)  # needed for push
 
     def __post_init__(self):
+        if self.mode not in ("plain", "compat", "safe"):
+            raise ValueError("mode must be plain, compat or safe")
         if self.delivery not in ("push", "pull"):
             raise ValueError("delivery must be push or pull")
         if not 0.5 <= self.deadline_s <= 4.8:
             raise ValueError("deadline_s must be between 0.5 and 4.8 seconds")
-        if self.timestamp_window_s < 0:
-            raise ValueError("timestamp_window_s must be 0 (off) or positive")
+        if self.replay_window_s < 0:
+            raise ValueError("replay_window_s must be 0 (off) or positive")
 
 
 @dataclass(frozen=True)
 class WeComConfig:
-    """A WeCom self-built app. Secrets: R1BOX_WECOM_TOKEN, R1BOX_WECOM_AES_KEY (R1BOX_WECOM_PREVIOUS_AES_KEY)."""
+    """A WeCom self-built app; always encrypted. Secrets here or from R1BOX_WECOM_TOKEN,
+    R1BOX_WECOM_ENCODING_AES_KEY, R1BOX_WECOM_PREVIOUS_ENCODING_AES_KEY, R1BOX_WECOM_CORP_SECRET."""
 
     corp_id: str = ""  # empty: no /wecom endpoint
     agent_id: str = ""
     path: str = "/wecom"
+    replay_window_s: int = 300
     api_base_url: str = "https://qyapi.weixin.qq.com"
     token: str = field(default="", repr=False)
-    aes_key: str = field(default="", repr=False)
-    previous_aes_key: str = field(default="", repr=False)
-    app_secret: str = field(default="", repr=False)  # R1BOX_WECOM_APP_SECRET: late answers are pushed with it
+    encoding_aes_key: str = field(default="", repr=False)
+    previous_encoding_aes_key: str = field(default="", repr=False)
+    corp_secret: str = field(default="", repr=False)  # with it, late answers are pushed (message/send)
+
+    def __post_init__(self):
+        if self.replay_window_s < 0:
+            raise ValueError("replay_window_s must be 0 (off) or positive")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    host: str = "127.0.0.1"  # Prometheus scrapes /metrics here; keep it off the office network unless needed
+    port: int = 9464
 
 
 @dataclass(frozen=True)
@@ -113,12 +129,14 @@ class Config:
     wecom: WeComConfig = WeComConfig()
     dialog: DialogConfig = DialogConfig()
     store: StoreConfig = StoreConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
 
 _SECTIONS = {"model": ModelConfig, "engine": EngineConfig, "server": ServerConfig, "wechat": WeChatConfig,
-             "wecom": WeComConfig, "dialog": DialogConfig, "store": StoreConfig}
-_FROM_ENV_ONLY = {"api_keys", "token", "aes_key", "previous_aes_key", "app_secret"}
-_SECRETS = {"wechat": "R1BOX_WECHAT", "wecom": "R1BOX_WECOM"}
+             "wecom": WeComConfig, "dialog": DialogConfig, "store": StoreConfig, "metrics": MetricsConfig}
+_FROM_ENV_ONLY = {"api_keys"}
+_SECRETS = {"wechat": ("R1BOX_WECHAT", ("token", "encoding_aes_key", "previous_encoding_aes_key", "app_secret")),
+            "wecom": ("R1BOX_WECOM", ("token", "encoding_aes_key", "previous_encoding_aes_key", "corp_secret"))}
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, dict] | None = None) -> Config:
@@ -148,28 +166,32 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict] | Non
     if not server.loopback and not server.api_keys:
         raise ConfigError(f"{where} [server]: host {server.host} is reachable from other machines, so the API "
                           "needs keys: set R1BOX_API_KEYS=key1,key2 in the service's environment, or bind 127.0.0.1.")
-    for name, prefix in _SECRETS.items():
-        sections[name] = _with_secrets(sections[name], prefix, f"{where} [{name}]")
+    for name, (prefix, keys) in _SECRETS.items():
+        sections[name] = _with_secrets(sections[name], prefix, keys, f"{where} [{name}]")
     return Config(**{**sections, "server": server})
 
 
-def _with_secrets(section, prefix: str, where: str):
-    enabled = bool(getattr(section, "app_id", "") or getattr(section, "corp_id", ""))
-    secrets = {key: os.environ.get(f"{prefix}_{key.upper()}", "").strip()
-               for key in ("token", "aes_key", "previous_aes_key", "app_secret")}
-    if not enabled:
+def _with_secrets(section, prefix: str, keys: tuple[str, ...], where: str):
+    """Secrets from the environment override the file's; then what an enabled account needs is checked."""
+    found = {k: os.environ[f"{prefix}_{k.upper()}"].strip() for k in keys if os.environ.get(f"{prefix}_{k.upper()}")}
+    section = dataclasses.replace(section, **found)
+    if not (getattr(section, "app_id", "") or getattr(section, "corp_id", "")):
         return section
-    if not secrets["token"]:
-        raise ConfigError(f"{where} is enabled but {prefix}_TOKEN is not set; put the Token from the platform's "
-                          "server configuration page in the service's environment.")
-    for key in ("aes_key", "previous_aes_key"):
-        if secrets[key] and len(secrets[key]) != 43:
-            raise ConfigError(f"{prefix}_{key.upper()} must be the 43-character EncodingAESKey.")
-    if getattr(section, "delivery", "") == "push" and not secrets["app_secret"]:
-        raise ConfigError(f"{where}: delivery = \"push\" needs {prefix}_APP_SECRET for the customer-service API.")
-    if prefix == "R1BOX_WECOM" and not secrets["aes_key"]:
-        raise ConfigError(f"{where}: WeCom callbacks are always encrypted; set {prefix}_AES_KEY.")
-    return dataclasses.replace(section, **secrets)
+    if not section.token:
+        raise ConfigError(f"{where}: token is required (the Token of the platform's server configuration page; "
+                          f"or {prefix}_TOKEN in the environment).")
+    for key in ("encoding_aes_key", "previous_encoding_aes_key"):
+        value = getattr(section, key)
+        if value and len(value) != 43:
+            raise ConfigError(f"{where}: {key} must be the 43-character EncodingAESKey.")
+    encrypted = getattr(section, "mode", "safe") != "plain"
+    if encrypted and not section.encoding_aes_key:
+        raise ConfigError(f"{where}: encoding_aes_key is required for encrypted messages (or "
+                          f"{prefix}_ENCODING_AES_KEY in the environment).")
+    if getattr(section, "delivery", "") == "push" and not section.app_secret:
+        raise ConfigError(f"{where}: delivery = \"push\" needs app_secret (or {prefix}_APP_SECRET) for the "
+                          "customer-service API.")
+    return section
 
 
 def _build(cls, table: dict, where: str):

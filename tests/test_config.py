@@ -58,3 +58,19 @@ def test_the_example_file_is_the_defaults():
     import appliance
 
     assert load_config(Path(appliance.__file__).parent / "config.example.toml") == load_config(None)
+
+
+def test_wechat_secrets_from_the_file_or_the_environment(tmp_path, monkeypatch):
+    for key in ("TOKEN", "ENCODING_AES_KEY", "APP_SECRET"):
+        monkeypatch.delenv(f"R1BOX_WECHAT_{key}", raising=False)
+    with pytest.raises(ConfigError, match="token is required"):
+        load_config(_write(tmp_path, '[wechat]\napp_id = "wx1"\nmode = "plain"\n'))
+    with pytest.raises(ConfigError, match="encoding_aes_key is required"):
+        load_config(_write(tmp_path, '[wechat]\napp_id = "wx1"\ntoken = "t"\n'))
+    with pytest.raises(ConfigError, match="43-character"):
+        load_config(_write(tmp_path, '[wechat]\napp_id = "wx1"\ntoken = "t"\nencoding_aes_key = "short"\n'))
+    with pytest.raises(ConfigError, match="needs app_secret"):
+        load_config(_write(tmp_path, '[wechat]\napp_id = "wx1"\ntoken = "t"\nmode = "plain"\ndelivery = "push"\n'))
+    monkeypatch.setenv("R1BOX_WECHAT_TOKEN", "from-env")
+    config = load_config(_write(tmp_path, '[wechat]\napp_id = "wx1"\ntoken = "from-file"\nmode = "plain"\n'))
+    assert config.wechat.token == "from-env" and "from-env" not in repr(config)

@@ -24,15 +24,15 @@ MP = Account("mp", APP_ID, TOKEN, KEY)
 @pytest.fixture
 def config_file(tiny_fp32, tmp_path, monkeypatch):
     monkeypatch.setenv("R1BOX_WECHAT_TOKEN", TOKEN)
-    monkeypatch.setenv("R1BOX_WECHAT_AES_KEY", KEY)
-    monkeypatch.setenv("R1BOX_WECHAT_PREVIOUS_AES_KEY", OLD_KEY)
+    monkeypatch.setenv("R1BOX_WECHAT_ENCODING_AES_KEY", KEY)
+    monkeypatch.setenv("R1BOX_WECHAT_PREVIOUS_ENCODING_AES_KEY", OLD_KEY)
     monkeypatch.setenv("R1BOX_WECOM_TOKEN", TOKEN)
-    monkeypatch.setenv("R1BOX_WECOM_AES_KEY", KEY)
+    monkeypatch.setenv("R1BOX_WECOM_ENCODING_AES_KEY", KEY)
     path = tmp_path / "r1box.toml"
     # a think budget of 4 makes the tiny random model close its think block and say something
     path.write_text(f'[model]\nartifact = "{tiny_fp32}"\nthreads = 1\n'
                     '[engine]\nmax_batch = 4\nmax_length = 256\nthink_budget = 4\n'
-                    f'[wechat]\napp_id = "{APP_ID}"\ndeadline_s = 4.5\n'
+                    f'[wechat]\napp_id = "{APP_ID}"\nmode = "compat"\ndeadline_s = 4.5\n'
                     '[wecom]\ncorp_id = "ww0011223344"\nagent_id = "1000002"\n'
                     '[dialog]\nmax_tokens = 12\n'
                     f'[store]\npath = "{tmp_path / "r1box.db"}"\n')
@@ -222,3 +222,12 @@ async def test_stale_timestamp_and_replayed_nonce_are_refused(client):
     forged = Platform(MP, "safe").message(text_message(APP_ID, "u2", "hi", 3), nonce="1234",
                                           timestamp=int(first.query.split("timestamp=")[1].split("&")[0]))
     assert (await client.post(f"/wechat?{forged.query}", data=forged.body)).status == 403
+
+
+async def test_the_configured_mode_is_enforced(aiohttp_client, config_file):
+    strict = config_file.read_text().replace('mode = "compat"', 'mode = "safe"')
+    config_file.write_text(strict)
+    client = await aiohttp_client(create_app(load_config(config_file)))
+    plain = Platform(MP).message(text_message(APP_ID, "mode-user", "hi", 1))
+    assert (await client.post(f"/wechat?{plain.query}", data=plain.body)).status == 403
+    assert (await _send(client, Platform(MP, "safe"), text_message(APP_ID, "mode-user", "hi", 2)))[0] == 200

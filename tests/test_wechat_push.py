@@ -36,7 +36,7 @@ def config_file(tiny_fp32, tmp_path, monkeypatch, api):
     path = tmp_path / "r1box.toml"
     path.write_text(f'[model]\nartifact = "{tiny_fp32}"\nthreads = 1\n'
                     '[engine]\nmax_batch = 4\nmax_length = 256\nthink_budget = 4\n'
-                    f'[wechat]\napp_id = "{APP_ID}"\ndelivery = "push"\n'
+                    f'[wechat]\napp_id = "{APP_ID}"\nmode = "plain"\ndelivery = "push"\n'
                     f'api_base_url = "http://127.0.0.1:{api.server.port}"\n'
                     '[dialog]\nmax_tokens = 12\n'
                     f'[store]\npath = "{tmp_path / "r1box.db"}"\n')

@@ -30,8 +30,9 @@ def raw_query(request: web.Request) -> dict[str, str]:
 
 
 class Callbacks:
-    def __init__(self, service: WeChatService, accounts: dict[str, Account], guard: ReplayGuard):
-        self.service, self.accounts, self.guard = service, accounts, guard
+    def __init__(self, service: WeChatService | None, accounts: dict[str, Account]):
+        self.service, self.accounts = service, accounts  # the service is set once the model has loaded
+        self.guards = {path: ReplayGuard(account.replay_window_s) for path, account in accounts.items()}
 
     def add_routes(self, app: web.Application) -> None:
         for path in self.accounts:
@@ -44,7 +45,7 @@ class Callbacks:
         try:
             if account.kind == "wecom":
                 timestamp, nonce, signature = _required(query, "timestamp", "nonce", "msg_signature")
-                self.guard.check(timestamp, nonce, signature)
+                self.guards[request.path].check(timestamp, nonce, signature)
                 echo = decrypt_echostr(account, signature, timestamp, nonce, _required(query, "echostr")[0])
             else:
                 check_plain_signature(account, query)
@@ -63,6 +64,10 @@ class Callbacks:
             if len(body) > MAX_BODY:
                 raise BadCallback(f"body is over {MAX_BODY} bytes", 413)
             encrypted = account.kind == "wecom" or query.get("encrypt_type") == "aes"
+            if encrypted and account.mode == "plain":
+                raise BadCallback("an encrypted message, but the account is configured for plain mode", 403)
+            if not encrypted and account.mode == "safe":
+                raise BadCallback("a plaintext message, but the account is configured for safe mode", 403)
             if account.kind == "wecom":
                 timestamp, nonce, signature = _required(query, "timestamp", "nonce", "msg_signature")
             else:
@@ -70,7 +75,7 @@ class Callbacks:
                 signature = query.get("msg_signature", "") if encrypted else query["signature"]
                 if encrypted and not signature:
                     raise BadCallback("encrypt_type=aes without msg_signature", 403)
-            self.guard.check(timestamp, nonce, signature)
+            self.guards[request.path].check(timestamp, nonce, signature)
             xml = safe_xml(body)
             if encrypted:
                 xml = decrypt(account, xml, signature, timestamp, nonce)

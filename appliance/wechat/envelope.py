@@ -41,6 +41,8 @@ class Account:
     aes_key: str = ""  # EncodingAESKey, 43 characters; empty: plain mode only
     previous_aes_key: str = ""  # accepted for decryption during a rotation
     agent_id: str = ""  # WeCom only
+    mode: str = "compat"  # plain: refuse ciphertext; safe: refuse plaintext; compat: take either
+    replay_window_s: int = 300
 
 
 def sha1_signature(*parts: str) -> str:
