@@ -129,7 +129,7 @@ async def test_late_answer_is_kept_and_handed_out_on_the_next_message(client):
         if not service._answering:
             break
         await asyncio.sleep(0.05)
-    status, answer = await _send(client, platform, text_message(APP_ID, "slow-user", "继续", 2))
+    status, answer = await _send(client, platform, text_message(APP_ID, "slow-user", "还有问题", 2))
     assert answer and "回答生成中" in answer  # the kept answer, then a note that this one is on its way
     rows = await client.app[STORE].run(lambda db: list(db["inbound"].rows_where("user = 'slow-user'",
                                                                                  order_by="id")))
@@ -231,3 +231,27 @@ async def test_the_configured_mode_is_enforced(aiohttp_client, config_file):
     plain = Platform(MP).message(text_message(APP_ID, "mode-user", "hi", 1))
     assert (await client.post(f"/wechat?{plain.query}", data=plain.body)).status == 403
     assert (await _send(client, Platform(MP, "safe"), text_message(APP_ID, "mode-user", "hi", 2)))[0] == 200
+
+
+async def test_continue_hands_out_what_is_kept_without_a_model_call(client):
+    service = client.app[WECHAT]
+    service.deadline_s = 0.01
+    platform = Platform(MP)
+    await _send(client, platform, text_message(APP_ID, "cont-user", "讲个故事", 1))
+    for _ in range(100):
+        if not service._answering:
+            break
+        await asyncio.sleep(0.05)
+    before = client.app[CHAT].engine.stats()["requests"]
+    status, answer = await _send(client, platform, text_message(APP_ID, "cont-user", "继续", 2))
+    assert answer and "回答生成中" not in answer
+    assert (await _send(client, platform, text_message(APP_ID, "cont-user", "继续", 3)))[1] == "没有更多内容了，请直接提问。"
+    assert client.app[CHAT].engine.stats()["requests"] == before
+
+
+async def test_menu_click_and_welcome(client):
+    platform = Platform(MP)
+    click = event_message(APP_ID, "menu-user", "CLICK", key="#帮助")
+    assert "继续" in (await _send(client, platform, click))[1]
+    welcome = (await _send(client, platform, event_message(APP_ID, "menu-user", "subscribe")))[1]
+    assert welcome.startswith("您好")

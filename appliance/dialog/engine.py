@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from appliance.chat import ChatService
 from appliance.dialog.filter import WordFilter
+from appliance.dialog.wechat_text import plain_text
 from appliance.engine import Finish
 from appliance.store import Store
 
@@ -22,11 +23,12 @@ HELP_COMMANDS = {"#help", "/help", "#帮助", "帮助"}
 @dataclass(frozen=True)
 class DialogConfig:
     system_prompt: str = "你是本网点的智能助理，请用简洁、礼貌的中文回答客户的问题。"
-    memory_turns: int = 6  # earlier user/assistant pairs kept in the prompt
+    memory_turns: int = 5  # earlier user/assistant pairs kept in the prompt
     memory_minutes: int = 30  # older turns are forgotten
     max_tokens: int = 1024
     blocked_reply: str = "抱歉，这个问题我无法回答。"
-    help_text: str = "直接发送问题即可。发送“#清除记忆”开始新的对话。"
+    help_text: str = "直接发送问题即可。发送“#清除记忆”开始新的对话，回答较长时发送“继续”查看后续。"
+    welcome: str = "您好，欢迎关注！我是本网点的智能助理，有问题请直接发消息给我。"
     reset_reply: str = "好的，之前的对话已清除。"
     word_lists: tuple[str, ...] = ()
 
@@ -40,13 +42,17 @@ class Dialog:
         self.chat, self.store, self.config, self.filter = chat, store, config, word_filter
         self.filter_hits = {"in": 0, "out": 0}
 
+    def command(self, text: str) -> str | None:
+        """The reply to a command that needs no model (help), or None. Reset is async: see answer()."""
+        return self.config.help_text if text.strip().lower() in HELP_COMMANDS else None
+
     async def answer(self, account: str, user: str, text: str) -> str:
         text = text.strip()
         if text.lower() in RESET_COMMANDS:
             await self.store.run(_forget, account, user)
             return self.config.reset_reply
-        if text.lower() in HELP_COMMANDS:
-            return self.config.help_text
+        if (reply := self.command(text)) is not None:
+            return reply
         if self.filter.hits(text):
             self.filter_hits["in"] += 1
             return self.config.blocked_reply
@@ -58,7 +64,7 @@ class Dialog:
         async for item in self.chat.reply(messages, self.chat.params(max_tokens=self.config.max_tokens)):
             if not isinstance(item, Finish):
                 parts.append(item.content)
-        answer = "".join(parts).strip()
+        answer = plain_text("".join(parts))
         if self.filter.hits(answer):
             self.filter_hits["out"] += 1
             answer = self.filter.mask(answer)

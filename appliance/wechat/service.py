@@ -17,13 +17,22 @@ from dataclasses import dataclass
 
 from appliance.dialog.engine import Dialog
 from appliance.store import Store
-from appliance.wechat.envelope import split_utf8
+from appliance.dialog.wechat_text import wechat_pieces
 from appliance.wechat.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
 PULL_HINT = "回答生成中，请稍后发送任意消息获取。"
-UNSUPPORTED = "目前只能回答文字消息，请用文字描述您的问题。"
+MORE_HINT = "\n（回复“继续”查看后续内容）"
+CONTINUE_COMMANDS = {"继续", "#继续", "/continue", "continue"}
+NOTHING_MORE = "没有更多内容了，请直接提问。"
+# Seams for what the box cannot do yet: speech recognition for voice without the platform's Recognition, and a
+# multimodal model for pictures, video, places and links. Each kind gets a polite note until then.
+UNSUPPORTED = {
+    "voice": "暂时听不懂语音，请用文字描述您的问题。",
+    "image": "暂时看不懂图片，请用文字描述您的问题。",
+}
+UNSUPPORTED_OTHER = "目前只能回答文字消息，请用文字描述您的问题。"
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,7 @@ def inbound_of(account: str, message) -> Inbound:
         kind, content = "text", message.recognition
     if kind == "event":
         kind = f"event:{message.event}"
+        content = str(getattr(message, "key", "") or "")  # a menu CLICK's EventKey, a QR scene
     key = (f"{account}:{message.source}:msg:{message.id}" if getattr(message, "id", 0)
            else f"{account}:{message.source}:{kind}:{message.time}")
     return Inbound(account, message.source, kind, content, key, int(message.time))
@@ -55,6 +65,7 @@ class WeChatService:
         self.store, self.dialog, self.deadline_s = store, dialog, deadline_s
         self.outbox, self.push_accounts = outbox, push_accounts
         self._answering: dict[str, asyncio.Task] = {}
+        self._user_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.counters = {"received": 0, "duplicates": 0, "passive": 0, "pulled": 0, "pushed": 0, "late": 0}
 
     async def recover(self) -> int:
@@ -74,22 +85,36 @@ class WeChatService:
         if not new:
             self.counters["duplicates"] += 1
             return await self._retry(message, started)
-        if message.kind == "event:unsubscribe":
+        if message.kind == "event:unsubscribe":  # the platform requires the user's data to go
             await self.dialog.forget(message.account, message.user)
-            await self.store.run(_finish, message.dedup_key, "", "none")
+            await self.store.run(_purge_user, message.account, message.user, message.dedup_key)
             return None
         if message.kind.startswith("event:"):
-            await self.store.run(_finish, message.dedup_key, "", "none")
-            return self.dialog.config.help_text if message.kind.startswith("event:subscribe") else None
+            reply = self._event_reply(message)
+            await self.store.run(_finish, message.dedup_key, reply or "", "passive" if reply else "none")
+            return reply
         pending = await self.store.run(_take_pending, message.account, message.user)
         if message.kind != "text":
-            await self.store.run(_finish, message.dedup_key, UNSUPPORTED, "passive")
-            return _merge(pending, UNSUPPORTED)
+            note = UNSUPPORTED.get(message.kind, UNSUPPORTED_OTHER)
+            await self.store.run(_finish, message.dedup_key, note, "passive")
+            return _merge(pending, note)
+        if message.content.strip().lower() in CONTINUE_COMMANDS:
+            reply = _merge(pending, "") if pending else NOTHING_MORE
+            await self.store.run(_finish, message.dedup_key, reply, "passive")
+            return reply
         task = self._start(message)
         if pending:  # the last answers were late: they go now, and this message's answer waits for the next
             self.counters["pulled"] += 1
             return _merge(pending, PULL_HINT)
         return await self._deliver_in_time(message, task, started)
+
+    def _event_reply(self, message: Inbound) -> str | None:
+        config = self.dialog.config
+        if message.kind.startswith("event:subscribe"):
+            return config.welcome
+        if message.kind == "event:click":  # menu buttons whose key is a command run it; others show the help
+            return self.dialog.command(message.content) or config.help_text
+        return None
 
     def _start(self, message: Inbound) -> asyncio.Task:
         task = asyncio.create_task(self._answer(message))
@@ -98,8 +123,10 @@ class WeChatService:
         return task
 
     async def _answer(self, message: Inbound) -> str:
+        lock = self._user_locks.setdefault((message.account, message.user), asyncio.Lock())
         try:
-            answer = await self.dialog.answer(message.account, message.user, message.content)
+            async with lock:  # one answer in flight per user: a follow-up question needs the previous answer
+                answer = await self.dialog.answer(message.account, message.user, message.content)
         except Exception:
             log.exception("answering %s failed; it stays for a retry at the next start", message.dedup_key)
             raise
@@ -116,8 +143,16 @@ class WeChatService:
             return None
         if await self.store.run(_claim, message.dedup_key, "passive"):
             self.counters["passive"] += 1
-            return answer
+            return await self._first_bubble(message, answer)
         return None
+
+    async def _first_bubble(self, message: Inbound, answer: str) -> str:
+        """A passive reply is one bubble: a longer answer sends its first part, the rest waits for 继续."""
+        pieces = wechat_pieces(answer, 2048 - len(MORE_HINT.encode()))
+        if len(pieces) == 1:
+            return answer
+        await self.store.run(_keep_rest, message, "".join(pieces[1:]))
+        return pieces[0] + MORE_HINT
 
     def _when_done_push(self, message: Inbound, task: asyncio.Task) -> None:
         """Late answers of accounts that may push go out through the outbox; the others wait for a pull."""
@@ -144,14 +179,14 @@ class WeChatService:
         row = await self.store.run(_row, message.dedup_key)
         if row and row["status"] == "answered" and await self.store.run(_claim, message.dedup_key, "passive"):
             self.counters["passive"] += 1
-            return row["answer"]
+            return await self._first_bubble(message, row["answer"])
         return None
 
 
 def _merge(pending: list[str], then: str) -> str:
     """Pending answers first, within one reply's 2048 bytes; what does not fit is cut with a note."""
-    text = "\n\n".join(pending + [then])
-    pieces = split_utf8(text, 2048 - 60)
+    text = "\n\n".join(p for p in pending + [then] if p)
+    pieces = wechat_pieces(text, 2048 - 60)
     return pieces[0] + ("\n……（回答较长，已截断）" if len(pieces) > 1 else "")
 
 
@@ -209,6 +244,22 @@ def _take_pending(db, account: str, user: str) -> list[str]:
                    f"WHERE id IN ({','.join('?' * len(rows))})", [time.time(), *[r[0] for r in rows]])
         db.conn.commit()
     return [answer for _, answer in rows]
+
+
+def _keep_rest(db, m: Inbound, rest: str) -> None:
+    """The rest of a long passive answer, as an answered row of its own that the next 继续 (or message) pulls."""
+    db.execute("INSERT OR IGNORE INTO inbound (account, dedup_key, user, kind, content, created_at, received_at, "
+               "status, answer, answered_at) VALUES (?, ?, ?, 'text', '', ?, ?, 'answered', ?, ?)",
+               [m.account, m.dedup_key + ":rest", m.user, m.created_at, time.time(), rest, time.time()])
+    db.conn.commit()
+
+
+def _purge_user(db, account: str, user: str, key: str) -> None:
+    """Unsubscribe: the user's messages and answers go; the event itself stays as a content-free record."""
+    db.execute("DELETE FROM inbound WHERE account = ? AND user = ? AND dedup_key != ?", [account, user, key])
+    db.execute("UPDATE inbound SET status = 'delivered', delivery = 'none' WHERE dedup_key = ?", [key])
+    db.execute("DELETE FROM outbox WHERE account = ? AND user = ?", [account, user])
+    db.conn.commit()
 
 
 def _unanswered(db) -> list[dict]:
