@@ -255,3 +255,46 @@ async def test_menu_click_and_welcome(client):
     assert "继续" in (await _send(client, platform, click))[1]
     welcome = (await _send(client, platform, event_message(APP_ID, "menu-user", "subscribe")))[1]
     assert welcome.startswith("您好")
+
+
+async def test_events_are_deduplicated_by_sender_and_create_time(client):
+    platform = Platform(MP)
+    created = int(time.time())
+    first = await _send(client, platform, event_message(APP_ID, "ev-user", "subscribe", created=created))
+    again = await _send(client, platform, event_message(APP_ID, "ev-user", "subscribe", created=created))
+    assert first[1] and again[1] is None
+    assert (await _send(client, platform, event_message(APP_ID, "ev-user2", "subscribe", created=created)))[1]
+
+
+def _xml(user, kind, body, msg_id=None):
+    ident = f"<MsgId>{msg_id}</MsgId>" if msg_id else ""
+    return (f"<xml><ToUserName><![CDATA[{APP_ID}]]></ToUserName><FromUserName><![CDATA[{user}]]></FromUserName>"
+            f"<CreateTime>{int(time.time())}</CreateTime><MsgType><![CDATA[{kind}]]></MsgType>{body}{ident}</xml>")
+
+
+@pytest.mark.parametrize("kind, body, expect", [
+    ("voice", "<MediaId><![CDATA[m]]></MediaId><Format><![CDATA[amr]]></Format>"
+              "<Recognition><![CDATA[你们几点开门]]></Recognition>", "model"),
+    ("voice", "<MediaId><![CDATA[m]]></MediaId><Format><![CDATA[amr]]></Format><Recognition><![CDATA[]]></Recognition>",
+     "语音"),
+    ("voice", "<MediaId><![CDATA[m]]></MediaId><Format><![CDATA[amr]]></Format>", "语音"),
+    ("video", "<MediaId><![CDATA[m]]></MediaId><ThumbMediaId><![CDATA[t]]></ThumbMediaId>", "文字"),
+    ("shortvideo", "<MediaId><![CDATA[m]]></MediaId><ThumbMediaId><![CDATA[t]]></ThumbMediaId>", "文字"),
+    ("location", "<Location_X>23.1</Location_X><Location_Y>113.3</Location_Y><Scale>20</Scale>"
+                 "<Label><![CDATA[x]]></Label>", "文字"),
+    ("link", "<Title><![CDATA[t]]></Title><Description><![CDATA[d]]></Description><Url><![CDATA[http://x]]></Url>",
+     "文字"),
+    ("miniprogrampage", "<Title><![CDATA[t]]></Title>", "文字"),
+])
+async def test_every_message_kind_gets_an_answer(client, kind, body, expect):
+    before = client.app[CHAT].engine.stats()["requests"]
+    status, answer = await _send(client, Platform(MP), _xml(f"kind-{kind}", kind, body, 99))
+    assert status == 200 and answer
+    used_model = client.app[CHAT].engine.stats()["requests"] > before
+    assert used_model if expect == "model" else (expect in answer and not used_model)
+
+
+@pytest.mark.parametrize("event", ["VIEW", "SCAN", "LOCATION", "TEMPLATESENDJOBFINISH"])
+async def test_other_events_are_acknowledged_silently(client, event):
+    xml = event_message(APP_ID, "ev-quiet", event, key="x")
+    assert await _send(client, Platform(MP), xml) == (200, None)

@@ -147,3 +147,38 @@ async def test_the_user_quota_is_kept_and_the_rest_waits_for_a_pull(tmp_path):
     assert inbound["status"] == "answered"
     assert "".join(r["content"].removesuffix(MORE) for r in rows) + inbound["answer"] == long_answer
     store.close()
+
+
+async def test_ip_not_whitelisted_raises_an_alert_and_keeps_trying(aiohttp_client, config_file, api):
+    client = await aiohttp_client(create_app(load_config(config_file)))
+    outbox = client.app[WECHAT].outbox
+    outbox.max_backoff_s = 0.2
+    api.send_errors = [40164, 40164]
+    await _late_message(client, "ip-user", 6)
+    assert await _until(lambda: _sent_to(api, "ip-user"))
+    assert [a["code"] for a in outbox.alerts] == [40164, 40164] and "whitelist" in outbox.alerts[0]["message"]
+    assert outbox.results[40164] == 2 and outbox.results[0] == 1
+
+
+async def test_concurrent_callers_share_one_token_refresh(tmp_path, api):
+    import aiohttp
+
+    from appliance.wechat.client import Credentials, TokenManager, WeChatClient
+
+    store = Store(tmp_path / "t.db")
+    store.open()
+    async with aiohttp.ClientSession() as session:
+        manager = TokenManager(WeChatClient(session, f"http://127.0.0.1:{api.server.port}"),
+                               Credentials("mp", "wx", "secret"), store)
+        tokens = await asyncio.gather(*(manager.token() for _ in range(10)))
+        assert set(tokens) == {"token-1"} and api.tokens_issued == 1
+        again = TokenManager(manager.client, manager.creds, store)  # a restart: the stored token is reused
+        assert await again.token() == "token-1" and api.tokens_issued == 1
+    store.close()
+
+
+def test_short_lived_stable_tokens_are_refreshed_early():
+    from appliance.wechat.client import _refresh_at
+
+    assert _refresh_at(0, 7200) == 7200 - 300
+    assert _refresh_at(0, 345) == 345 - 69  # a fifth of its life, not 300 s of 345

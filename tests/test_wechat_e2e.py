@@ -1,0 +1,99 @@
+"""End to end on the real 0.5B model: the real server, real crypto, the real SQLite file and a local fake of the
+platform's API. One message delivered three times, with a restart between the second and third delivery, is
+answered exactly once; a slow answer arrives by push; a network cut delays it and loses nothing."""
+
+import asyncio
+import base64
+import time
+
+import pytest
+
+from appliance.app import create_app
+from appliance.app_keys import CHAT, WECHAT
+from appliance.config import load_config
+from appliance.wechat.envelope import Account
+from appliance.wechat.sim import Platform, text_message
+from tests.fake_wechat_api import FakeWeChatApi
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "e2e-token"
+KEY = base64.b64encode(bytes(range(100, 132))).decode().rstrip("=")
+APP_ID = "wx-e2e"
+SAFE = Platform(Account("mp", APP_ID, TOKEN, KEY), "safe")
+
+
+@pytest.fixture(scope="module")
+def artifact():
+    from export.artifacts import cached_artifact
+
+    return cached_artifact("qwen2.5-coder-0.5b-instruct")
+
+
+@pytest.fixture
+async def api(aiohttp_server):
+    fake = FakeWeChatApi()
+    fake.server = await aiohttp_server(fake.app)
+    return fake
+
+
+@pytest.fixture
+def config(artifact, tmp_path, monkeypatch, api):
+    monkeypatch.setenv("R1BOX_WECHAT_TOKEN", TOKEN)
+    monkeypatch.setenv("R1BOX_WECHAT_ENCODING_AES_KEY", KEY)
+    monkeypatch.setenv("R1BOX_WECHAT_APP_SECRET", "e2e-secret")
+    path = tmp_path / "r1box.toml"
+    path.write_text(f'[model]\nartifact = "{artifact}"\n[engine]\nmax_batch = 4\nmax_length = 1024\n'
+                    f'[wechat]\napp_id = "{APP_ID}"\ndelivery = "push"\n'
+                    f'api_base_url = "http://127.0.0.1:{api.server.port}"\n[dialog]\nmax_tokens = 48\n'
+                    f'[store]\npath = "{tmp_path / "r1box.db"}"\n')
+    return load_config(path)
+
+
+async def _deliver(client, request):
+    resp = await client.post(f"/wechat?{request.query}", data=request.body)
+    assert resp.status == 200
+    return SAFE.read_reply(await resp.text())
+
+
+async def _until(condition, seconds=60.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def test_three_deliveries_across_a_restart_give_one_answer(aiohttp_client, config, api):
+    request = SAFE.message(text_message(APP_ID, "e2e-user", "一句话介绍一下长城。", 880001))
+    first = await aiohttp_client(create_app(config))
+    replies = [await _deliver(first, request), await _deliver(first, request)]  # the platform's retry
+    calls = first.app[CHAT].engine.stats()["requests"]
+    await _until(lambda: not first.app[WECHAT]._answering)
+    await first.close()
+    second = await aiohttp_client(create_app(config))  # the box restarted before the third delivery
+    replies.append(await _deliver(second, request))
+    await _until(lambda: not second.app[WECHAT]._answering, 30)
+    await asyncio.sleep(1.0)  # a push, if one were wrongly made, would be out by now
+    answers = [r for r in replies if r] + [s["text"]["content"] for s in api.sent if s["touser"] == "e2e-user"]
+    assert len(answers) == 1 and "长城" in answers[0]
+    assert calls == 1 and second.app[CHAT].engine.stats()["requests"] == 0
+
+
+async def test_a_slow_answer_arrives_by_push_and_survives_a_network_cut(aiohttp_client, config, api):
+    client = await aiohttp_client(create_app(config))
+    client.app[WECHAT].deadline_s = 0.5  # this model needs longer than that
+    client.app[WECHAT].outbox.max_backoff_s = 0.5
+    port = api.server.port
+    await api.server.close()  # the office's internet is down
+    reply = await _deliver(client, SAFE.message(text_message(APP_ID, "push-user", "写一个Python函数，计算两个数的和。",
+                                                             880002)))
+    assert reply is None
+    assert await _until(lambda: client.app[WECHAT].outbox.results.get(-1, 0) >= 1)
+    from aiohttp.test_utils import TestServer
+
+    api.server = TestServer(api.app, port=port)
+    await api.server.start_server()  # and back
+    assert await _until(lambda: any(s["touser"] == "push-user" for s in api.sent))
+    assert "def" in api.sent[0]["text"]["content"]
