@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from appliance.api import api_key_middleware, errors_middleware, routes
-from appliance.app_keys import API_KEYS, CHAT, CONFIG, STORE, WECHAT
+from appliance.app_keys import API_KEYS, CHAT, CONFIG, METRICS, METRICS_PORT, STORE, WECHAT
 from appliance.chat import ChatService
 from appliance.config import Config, ModelConfig
 from appliance.dialog.engine import Dialog
@@ -19,6 +19,7 @@ from appliance.dialog.filter import WordFilter
 from appliance.engine import Engine, EngineConfig
 from appliance.errors import ConfigError
 from appliance.manifest import load_manifest
+from appliance.metrics import EngineCollector, GpuCollector, Metrics, WeChatCollector
 from appliance.model import Decoder, open_decoder
 from appliance.store import Store
 from appliance.tokenizer import ChatTokenizer
@@ -43,7 +44,7 @@ def resolve_artifact(model: ModelConfig) -> Path:
     return cached_artifact(model.name)
 
 
-def open_chat(model: ModelConfig, engine_config: EngineConfig) -> ChatService:
+def open_chat(model: ModelConfig, engine_config: EngineConfig, metrics: Metrics | None = None) -> ChatService:
     """Load and verify the artifact, start the decoder (CUDA falling back to the CPU) and the engine."""
     manifest = load_manifest(resolve_artifact(model))
     threads = model.threads or None
@@ -57,7 +58,7 @@ def open_chat(model: ModelConfig, engine_config: EngineConfig) -> ChatService:
              decoder.provider, decoder.threads, engine_config.max_batch, engine.cache.max_length,
              engine.cache.nbytes / 1e6)
     engine.start()
-    return ChatService(manifest, ChatTokenizer(manifest), engine)
+    return ChatService(manifest, ChatTokenizer(manifest), engine, metrics)
 
 
 async def _store_ctx(app: web.Application):
@@ -70,8 +71,10 @@ async def _store_ctx(app: web.Application):
 
 async def _chat_ctx(app: web.Application):
     config = app[CONFIG]
-    chat = await asyncio.get_running_loop().run_in_executor(None, open_chat, config.model, config.engine)
+    chat = await asyncio.get_running_loop().run_in_executor(None, open_chat, config.model, config.engine,
+                                                            app[METRICS])
     app[CHAT] = chat
+    app[METRICS].watch(EngineCollector(chat.engine))
     yield
     await asyncio.get_running_loop().run_in_executor(None, chat.engine.stop)
 
@@ -116,6 +119,7 @@ def _wechat_ctx(callbacks: Callbacks):
             outbox.start()
         service = WeChatService(store, dialog, config.wechat.deadline_s, outbox, frozenset(pushing))
         callbacks.service = app[WECHAT] = service
+        app[METRICS].watch(WeChatCollector(service, dialog))
         recovered = await service.recover()
         if recovered:
             log.info("answering %d messages received before the last stop", recovered)
@@ -126,11 +130,35 @@ def _wechat_ctx(callbacks: Callbacks):
     return ctx
 
 
+async def _metrics_ctx(app: web.Application):
+    """/metrics on its own listener, so the office network can reach the API without reaching the metrics."""
+    metrics, config = app[METRICS], app[CONFIG].metrics
+    gpu = GpuCollector.create()
+    if gpu:
+        metrics.watch(gpu)
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.exposition(), content_type="text/plain", charset="utf-8",
+                            headers={"Cache-Control": "no-store"})
+
+    listener = web.Application()
+    listener.router.add_get("/metrics", serve)
+    runner = web.AppRunner(listener, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    app[METRICS_PORT] = runner.addresses[0][1] if runner.addresses else config.port
+    log.info("metrics on http://%s:%d/metrics", config.host, app[METRICS_PORT])
+    yield
+    await runner.cleanup()
+
+
 def create_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.server.max_body_kb << 10,
                           middlewares=[errors_middleware, api_key_middleware])
     app[CONFIG] = config
     app[API_KEYS] = config.server.api_keys
+    app[METRICS] = Metrics()
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_chat_ctx)
     app.add_routes(routes)
@@ -139,4 +167,5 @@ def create_app(config: Config) -> web.Application:
         callbacks = Callbacks(None, accounts)
         callbacks.add_routes(app)
         app.cleanup_ctx.append(_wechat_ctx(callbacks))
+    app.cleanup_ctx.append(_metrics_ctx)
     return app

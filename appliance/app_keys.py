@@ -4,6 +4,7 @@ from aiohttp import web
 
 from appliance.chat import ChatService
 from appliance.config import Config
+from appliance.metrics import Metrics
 from appliance.store import Store
 from appliance.wechat.service import WeChatService
 
@@ -12,3 +13,5 @@ CHAT = web.AppKey("chat", ChatService)  # the model, tokenizer and engine, ready
 API_KEYS = web.AppKey("api_keys", tuple)  # bearer keys for /v1/ (R1BOX_API_KEYS); empty on loopback
 STORE = web.AppKey("store", Store)  # the SQLite database, opened on its own thread
 WECHAT = web.AppKey("wechat", WeChatService)  # present when an Official Account or WeCom app is configured
+METRICS = web.AppKey("metrics", Metrics)  # the Prometheus registry, served on its own listener
+METRICS_PORT = web.AppKey("metrics_port", int)  # the port actually bound (the config may say 0: any free one)

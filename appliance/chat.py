@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from appliance.engine import Engine, Finish
-from appliance.errors import RequestError
+from appliance.errors import EngineBusy, RequestError
+from appliance.metrics import Metrics, StreamTimer
 from appliance.manifest import Manifest
 from appliance.reasoning import ReasoningSplitter
 from appliance.sampling import R1_DEFAULTS, SamplingParams
@@ -27,8 +28,9 @@ class Delta:
 
 
 class ChatService:
-    def __init__(self, manifest: Manifest, tokenizer: ChatTokenizer, engine: Engine):
+    def __init__(self, manifest: Manifest, tokenizer: ChatTokenizer, engine: Engine, metrics: Metrics | None = None):
         self.manifest, self.tokenizer, self.engine = manifest, tokenizer, engine
+        self.metrics = metrics or Metrics()
         self.model_name = manifest.name
         self.started = time.time()
         think = manifest.chat.get("think")
@@ -53,20 +55,38 @@ class ChatService:
 
     async def reply(self, messages: list[dict], params: SamplingParams) -> AsyncIterator[Delta | Finish]:
         """Stream the answer as Deltas (reasoning apart from content), then the Finish."""
-        ids = self.prompt_ids(messages)
-        stream = self.tokenizer.stream()
-        think = self.think or {}
-        splitter = ReasoningSplitter(think.get("open", "<think>"), think.get("close", "</think>"),
-                                     opened_in_prompt=bool(think.get("opened_in_prompt")))
-        async for item in self.engine.generate(ids, params):
-            if isinstance(item, Finish):
-                rest = splitter.finish()
-                if rest.reasoning or rest.content:
-                    yield Delta(rest.reasoning, rest.content)
-                yield item
-                return
-            if item in self.tokenizer.stop_ids:
-                continue
-            part = splitter.push(stream.push(item))
-            if part.reasoning or part.content:
-                yield Delta(part.reasoning, part.content)
+        timer, status = StreamTimer(self.metrics), "cancelled"
+        try:
+            ids = self.prompt_ids(messages)
+            stream = self.tokenizer.stream()
+            think = self.think or {}
+            splitter = ReasoningSplitter(think.get("open", "<think>"), think.get("close", "</think>"),
+                                         opened_in_prompt=bool(think.get("opened_in_prompt")))
+            async for item in self.engine.generate(ids, params):
+                if isinstance(item, Finish):
+                    status = item.reason
+                    rest = splitter.finish()
+                    if rest.reasoning or rest.content:
+                        yield Delta(rest.reasoning, rest.content)
+                    yield item
+                    return
+                timer.token()
+                if item in self.tokenizer.stop_ids:
+                    continue
+                part = splitter.push(stream.push(item))
+                if part.reasoning or part.content:
+                    yield Delta(part.reasoning, part.content)
+        except EngineBusy:
+            status = "busy"
+            self.metrics.errors.labels("busy").inc()
+            raise
+        except RequestError:
+            status = "bad_request"
+            self.metrics.errors.labels("bad_request").inc()
+            raise
+        except Exception:
+            status = "error"
+            self.metrics.errors.labels("internal").inc()
+            raise
+        finally:
+            timer.done(status)

@@ -18,7 +18,7 @@ HELLO = [{"role": "user", "content": "你好"}]
 def config(tiny_fp32, tmp_path):
     path = tmp_path / "r1box.toml"
     path.write_text(f'[model]\nartifact = "{tiny_fp32}"\nthreads = 1\n[engine]\nmax_batch = 2\nmax_waiting = 2\n'
-                    f'max_length = 128\n[server]\nmax_body_kb = 16\n[store]\npath = "{tmp_path / "r1box.db"}"\n')
+                    f'max_length = 128\n[server]\nmax_body_kb = 16\n[metrics]\nport = 0\n[store]\npath = "{tmp_path / "r1box.db"}"\n')
     return path
 
 

@@ -23,7 +23,7 @@ def test_serve_answers_wechat_sim_and_stops_on_sigterm(tiny_fp32, tmp_path):
     config = tmp_path / "r1box.toml"
     config.write_text(f'[model]\nartifact = "{tiny_fp32}"\nthreads = 1\n[engine]\nmax_batch = 2\nmax_length = 256\n'
                       'think_budget = 4\n[wechat]\napp_id = "wx-serve-test"\nmode = "compat"\n[dialog]\nmax_tokens = 8\n'
-                      f'[store]\npath = "{tmp_path / "r1box.db"}"\n[server]\nport = {port}\n')
+                      f'[metrics]\nport = 0\n[store]\npath = "{tmp_path / "r1box.db"}"\n[server]\nport = {port}\n')
     env = dict(os.environ, R1BOX_WECHAT_TOKEN="serve-token",
                R1BOX_WECHAT_ENCODING_AES_KEY=base64.b64encode(bytes(32)).decode().rstrip("="))
     server = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--config", str(config)], env=env,

@@ -35,7 +35,7 @@ def config_file(tiny_fp32, tmp_path, monkeypatch):
                     f'[wechat]\napp_id = "{APP_ID}"\nmode = "compat"\ndeadline_s = 4.5\n'
                     '[wecom]\ncorp_id = "ww0011223344"\nagent_id = "1000002"\n'
                     '[dialog]\nmax_tokens = 12\n'
-                    f'[store]\npath = "{tmp_path / "r1box.db"}"\n')
+                    f'[metrics]\nport = 0\n[store]\npath = "{tmp_path / "r1box.db"}"\n')
     return path
 
 

@@ -46,7 +46,7 @@ def config(artifact, tmp_path, monkeypatch, api):
     path.write_text(f'[model]\nartifact = "{artifact}"\n[engine]\nmax_batch = 4\nmax_length = 1024\n'
                     f'[wechat]\napp_id = "{APP_ID}"\ndelivery = "push"\n'
                     f'api_base_url = "http://127.0.0.1:{api.server.port}"\n[dialog]\nmax_tokens = 48\n'
-                    f'[store]\npath = "{tmp_path / "r1box.db"}"\n')
+                    f'[metrics]\nport = 0\n[store]\npath = "{tmp_path / "r1box.db"}"\n')
     return load_config(path)
 
 

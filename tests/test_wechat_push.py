@@ -39,7 +39,7 @@ def config_file(tiny_fp32, tmp_path, monkeypatch, api):
                     f'[wechat]\napp_id = "{APP_ID}"\nmode = "plain"\ndelivery = "push"\n'
                     f'api_base_url = "http://127.0.0.1:{api.server.port}"\n'
                     '[dialog]\nmax_tokens = 12\n'
-                    f'[store]\npath = "{tmp_path / "r1box.db"}"\n')
+                    f'[metrics]\nport = 0\n[store]\npath = "{tmp_path / "r1box.db"}"\n')
     return path
 
 

@@ -46,6 +46,7 @@ class Outbox:
         self._task: asyncio.Task | None = None
         self.results: Counter = Counter()  # by errcode, 0 for sent
         self.alerts: deque[dict] = deque(maxlen=100)
+        self.pending_count, self.oldest_age_s = 0, 0.0  # refreshed by the sender loop, read by /metrics
 
     async def push(self, account: str, user: str, inbound_key: str, text: str) -> None:
         """Queue an answer; pieces beyond the user's remaining quota wait for their next message."""
@@ -66,6 +67,8 @@ class Outbox:
 
     async def _run(self) -> None:
         while True:
+            count, oldest = await self.pending()
+            self.pending_count, self.oldest_age_s = count, oldest or 0.0
             row = await self.store.run(_next_due, time.time())
             if row is None:
                 self._wake.clear()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from appliance.dialog.engine import Dialog
@@ -67,6 +68,7 @@ class WeChatService:
         self._answering: dict[str, asyncio.Task] = {}
         self._user_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.counters = {"received": 0, "duplicates": 0, "passive": 0, "pulled": 0, "pushed": 0, "late": 0}
+        self.kinds: Counter = Counter()  # messages received, by kind
 
     async def recover(self) -> int:
         """Answer what was received but never answered before the last stop; the answers wait for a pull."""
@@ -81,6 +83,7 @@ class WeChatService:
         """The passive reply's text, or None for `success`. Never takes longer than the deadline."""
         started = time.monotonic()
         self.counters["received"] += 1
+        self.kinds[message.kind.split(":")[0]] += 1
         new = await self.store.run(_record, message)
         if not new:
             self.counters["duplicates"] += 1

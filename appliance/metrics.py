@@ -1,0 +1,153 @@
+"""Prometheus metrics, on their own listener ([metrics] host, port; localhost by default) at /metrics.
+
+Latencies are observed as answers stream (histograms: rates and percentiles come from PromQL, not from gauges
+computed here). Everything else is read from the objects that already count it (engine, WeChat service, outbox)
+at scrape time, so nothing is counted twice. GPU metrics come from NVML where a GPU is present and are absent,
+not zero, where it is not.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
+log = logging.getLogger(__name__)
+
+_LATENCY = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 4, 5, 7.5, 10, 15, 20, 30, 60, 120)
+_TOKEN = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        self.response_time = Histogram("llm_response_time_seconds", "Request to last token", buckets=_LATENCY,
+                                       registry=self.registry)
+        self.ttft = Histogram("llm_time_to_first_token_seconds", "Request to first token", buckets=_LATENCY,
+                              registry=self.registry)
+        self.itl = Histogram("llm_inter_token_latency_seconds", "Between consecutive tokens of one answer",
+                             buckets=_TOKEN, registry=self.registry)
+        self.requests = Counter("llm_requests", "Answered requests by how they ended", ["status"],
+                                registry=self.registry)
+        self.errors = Counter("llm_errors", "Requests that failed, by kind", ["kind"], registry=self.registry)
+
+    def watch(self, *sources) -> None:
+        """Objects with a collect() that yields metric families at scrape time."""
+        for source in sources:
+            self.registry.register(source)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class StreamTimer:
+    """Times one streamed answer: first token, each gap, the whole."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics, self.start, self.last = metrics, time.monotonic(), None
+
+    def token(self) -> None:
+        now = time.monotonic()
+        if self.last is None:
+            self.metrics.ttft.observe(now - self.start)
+        else:
+            self.metrics.itl.observe(now - self.last)
+        self.last = now
+
+    def done(self, status: str) -> None:
+        self.metrics.response_time.observe(time.monotonic() - self.start)
+        self.metrics.requests.labels(status).inc()
+
+
+class EngineCollector:
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        s = self.engine.stats()
+        yield _counter("llm_prompt_tokens", "Prompt tokens of finished requests", s["prompt_tokens"])
+        yield _counter("llm_generation_tokens", "Tokens generated", s["generated_tokens"])
+        yield _gauge("llm_requests_running", "Sequences in the running batch", s["running"])
+        yield _gauge("llm_requests_waiting", "Requests queued for a slot", s["waiting"])
+        yield _gauge("llm_batch_size", "Sequences decoded in the last step", s["batch_size"])
+        yield _gauge("llm_kv_cache_usage_ratio", "Share of KV cache positions in use", s["kv_cache_usage"])
+        prefix = s["prefix_cache"]
+        yield _counter("llm_prefix_cache_queries", "Prefix cache lookups", prefix["hits"] + prefix["misses"])
+        yield _counter("llm_prefix_cache_hits", "Prefix cache lookups that reused KV", prefix["hits"])
+        yield _counter("llm_provider_fallbacks", "Moves to the CPU after a provider failed", s["fallbacks"])
+        info = InfoMetricFamily("llm_execution_provider", "The execution provider serving now")
+        info.add_metric([], {"provider": s["provider"]})
+        yield info
+
+
+class WeChatCollector:
+    def __init__(self, service, dialog):
+        self.service, self.dialog = service, dialog
+
+    def collect(self):
+        c = self.service.counters
+        received = CounterMetricFamily("wechat_messages_received", "Callbacks with a message", labels=["type"])
+        for kind, n in sorted(self.service.kinds.items()):
+            received.add_metric([kind], n)
+        yield received
+        yield _counter("wechat_duplicates_dropped", "Deliveries of a message already recorded", c["duplicates"])
+        replies = CounterMetricFamily("wechat_replies", "Answers delivered, by path", labels=["mode"])
+        for mode in ("passive", "pushed", "pulled"):
+            replies.add_metric([mode], c[mode])
+        yield replies
+        hits = CounterMetricFamily("wechat_filter_hits", "Sensitive-word hits", labels=["direction"])
+        for direction, n in self.dialog.filter_hits.items():
+            hits.add_metric([direction], n)
+        yield hits
+        outbox = self.service.outbox
+        if outbox is None:
+            return
+        yield _gauge("wechat_outbox_pending", "Pushes waiting to go out", outbox.pending_count)
+        yield _gauge("wechat_outbox_oldest_age_seconds", "Age of the oldest waiting push", outbox.oldest_age_s)
+        results = CounterMetricFamily("wechat_send_results", "Push attempts by errcode (0: sent)", labels=["code"])
+        for code, n in sorted(outbox.results.items()):
+            results.add_metric([str(code)], n)
+        yield results
+        yield _counter("wechat_token_refreshes", "Access tokens fetched", sum(t.refreshes for t in outbox.tokens.values()))
+
+
+class GpuCollector:
+    """NVML's view of each GPU; registered only where NVML starts."""
+
+    def __init__(self, nvml):
+        self.nvml = nvml
+
+    @classmethod
+    def create(cls) -> "GpuCollector | None":
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            return cls(pynvml) if pynvml.nvmlDeviceGetCount() else None
+        except Exception:  # no library, no driver, or no GPU: the metrics stay absent
+            return None
+
+    def collect(self):
+        util = GaugeMetricFamily("gpu_utilization_ratio", "GPU busy share", labels=["gpu"])
+        used = GaugeMetricFamily("gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
+        total = GaugeMetricFamily("gpu_memory_total_bytes", "GPU memory", labels=["gpu"])
+        temp = GaugeMetricFamily("gpu_temperature_celsius", "GPU temperature", labels=["gpu"])
+        for i in range(self.nvml.nvmlDeviceGetCount()):
+            handle = self.nvml.nvmlDeviceGetHandleByIndex(i)
+            memory = self.nvml.nvmlDeviceGetMemoryInfo(handle)
+            util.add_metric([str(i)], self.nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100)
+            used.add_metric([str(i)], memory.used)
+            total.add_metric([str(i)], memory.total)
+            temp.add_metric([str(i)], self.nvml.nvmlDeviceGetTemperature(handle, self.nvml.NVML_TEMPERATURE_GPU))
+        yield from (util, used, total, temp)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
