@@ -18,6 +18,7 @@ from appliance.dialog.engine import Dialog
 from appliance.dialog.filter import WordFilter
 from appliance.engine import Engine, EngineConfig
 from appliance.errors import ConfigError
+from appliance.logs import request_id_middleware
 from appliance.manifest import load_manifest
 from appliance.metrics import EngineCollector, GpuCollector, Metrics, WeChatCollector
 from appliance.model import Decoder, open_decoder
@@ -155,7 +156,7 @@ async def _metrics_ctx(app: web.Application):
 
 def create_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.server.max_body_kb << 10,
-                          middlewares=[errors_middleware, api_key_middleware])
+                          middlewares=[request_id_middleware, errors_middleware, api_key_middleware])
     app[CONFIG] = config
     app[API_KEYS] = config.server.api_keys
     app[METRICS] = Metrics()

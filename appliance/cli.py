@@ -134,16 +134,15 @@ def cmd_chat(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    import logging
-
     from aiohttp import web
 
     from appliance.app import create_app
     from appliance.config import load_config
+    from appliance.logs import setup_logging
 
     config = load_config(args.config, {"server": {"host": args.host, "port": args.port},
                                        "model": {"artifact": args.artifact, "provider": args.provider}})
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_format)
     web.run_app(create_app(config), host=config.server.host, port=config.server.port, print=None)
 
 
@@ -225,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.add_argument("--artifact", help="artifact directory (overrides [model] artifact)")
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
+                   help="auto: readable on a terminal, JSON lines otherwise (the journal)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("wechat-sim", help="send a message to a running box as the WeChat platform would")

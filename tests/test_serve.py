@@ -50,3 +50,20 @@ def test_serve_answers_wechat_sim_and_stops_on_sigterm(tiny_fp32, tmp_path):
         output = server.communicate(timeout=30)[0]
     assert server.returncode == 0, output
     assert "serve-token" not in output  # secrets never in logs
+    records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]  # not a tty: JSON lines
+    answered = [r for r in records if r["msg"] == "answered"]
+    assert len(answered) == 2 and all(r["request_id"] != "-" for r in answered)
+
+
+def test_json_logs_carry_the_request_id():
+    import logging
+
+    from appliance.logs import JsonFormatter, request_id
+
+    token = request_id.set("abc123")
+    try:
+        record = logging.makeLogRecord({"msg": "answered", "levelname": "INFO", "name": "x", "chars": 12})
+        line = json.loads(JsonFormatter().format(record))
+    finally:
+        request_id.reset(token)
+    assert line["request_id"] == "abc123" and line["msg"] == "answered" and line["chars"] == 12

@@ -131,9 +131,11 @@ class WeChatService:
             async with lock:  # one answer in flight per user: a follow-up question needs the previous answer
                 answer = await self.dialog.answer(message.account, message.user, message.content)
         except Exception:
-            log.exception("answering %s failed; it stays for a retry at the next start", message.dedup_key)
+            log.exception("answering failed; the message stays recorded and is answered again at the next start",
+                          extra={"dedup_key": message.dedup_key})
             raise
         await self.store.run(_set_answer, message.dedup_key, answer)
+        log.info("answered", extra={"user": _short(message.user), "chars": len(answer)})
         return answer
 
     async def _deliver_in_time(self, message: Inbound, task: asyncio.Task, started: float) -> str | None:
@@ -184,6 +186,11 @@ class WeChatService:
             self.counters["passive"] += 1
             return await self._first_bubble(message, row["answer"])
         return None
+
+
+def _short(user: str) -> str:
+    """An OpenID shortened for logs: enough to follow one user, not enough to message them."""
+    return user[:4] + "…" + user[-3:] if len(user) > 10 else "…"
 
 
 def _merge(pending: list[str], then: str) -> str:
