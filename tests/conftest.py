@@ -13,6 +13,7 @@ from export.fetch import fetch
 from export.gguf_header import read_gguf_header
 from export.quantize import QuantConfig
 from export.tokenizer_convert import write_tokenizer_from_gguf
+from tests.fake_wechat_api import FakeWeChatApi
 
 # The hub's DeepSeek-R1 template appends "<think>\n"; the header's original one does not. r1box must handle both,
 # and the tiny model carries the original, so rendering has to add the opened think block itself.
@@ -70,3 +71,11 @@ def tiny_fp32(tiny_hf_dir, tmp_path_factory) -> Path:
 
 def read_manifest(artifact: Path) -> dict:
     return json.loads((artifact / "manifest.json").read_text())
+
+
+@pytest.fixture
+async def api(aiohttp_server) -> FakeWeChatApi:
+    """A local fake of the platform's HTTP API, its server attached as .server."""
+    fake = FakeWeChatApi()
+    fake.server = await aiohttp_server(fake.app)
+    return fake

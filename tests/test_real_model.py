@@ -11,7 +11,7 @@ from collections import Counter
 import onnx
 import pytest
 
-from appliance.manifest import load_manifest, sha256_of
+from appliance.manifest import sha256_of
 from tests.conftest import read_manifest
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,6 @@ from appliance.app_keys import CHAT, WECHAT
 from appliance.config import load_config
 from appliance.wechat.envelope import Account
 from appliance.wechat.sim import Platform, text_message
-from tests.fake_wechat_api import FakeWeChatApi
 
 pytestmark = pytest.mark.slow
 
@@ -28,13 +27,6 @@ def artifact():
     from export.artifacts import cached_artifact
 
     return cached_artifact("qwen2.5-coder-0.5b-instruct")
-
-
-@pytest.fixture
-async def api(aiohttp_server):
-    fake = FakeWeChatApi()
-    fake.server = await aiohttp_server(fake.app)
-    return fake
 
 
 @pytest.fixture

@@ -14,19 +14,11 @@ from appliance.store import Store
 from appliance.wechat.envelope import Account
 from appliance.wechat.outbox import MORE, _enqueue
 from appliance.wechat.sim import Platform, text_message
-from tests.fake_wechat_api import FakeWeChatApi
 
 TOKEN = "AAAAA"
 KEY = base64.b64encode(bytes(range(32))).decode().rstrip("=")
 APP_ID = "wx-push-account"
 PLATFORM = Platform(Account("mp", APP_ID, TOKEN, KEY))
-
-
-@pytest.fixture
-async def api(aiohttp_server):
-    fake = FakeWeChatApi()
-    fake.server = await aiohttp_server(fake.app)
-    return fake
 
 
 @pytest.fixture
