@@ -8,6 +8,7 @@ discarded: a WeChat user sees only the answer.
 from __future__ import annotations
 
 import time
+from collections import defaultdict, deque
 from dataclasses import dataclass
 
 from appliance.chat import ChatService
@@ -18,6 +19,8 @@ from appliance.store import Store
 
 RESET_COMMANDS = {"#reset", "/reset", "#清除记忆", "#重置", "清除记忆"}
 HELP_COMMANDS = {"#help", "/help", "#帮助", "帮助"}
+SHOW_REASONING = {"#显示思考", "#think on", "/think on"}
+HIDE_REASONING = {"#隐藏思考", "#think off", "/think off"}
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,10 @@ class DialogConfig:
     system_prompt: str = "你是本网点的智能助理，请用简洁、礼貌的中文回答客户的问题。"
     memory_turns: int = 5  # earlier user/assistant pairs kept in the prompt
     memory_minutes: int = 30  # older turns are forgotten
+    memory_tokens: int = 1500  # and the oldest go first when the kept turns exceed this many tokens
     max_tokens: int = 1024
+    rate_per_minute: int = 10  # questions per user per minute; more get rate_limited_reply
+    rate_limited_reply: str = "您发送得太快了，请稍等一分钟再问。"
     blocked_reply: str = "抱歉，这个问题我无法回答。"
     help_text: str = "直接发送问题即可。发送“#清除记忆”开始新的对话，回答较长时发送“继续”查看后续。"
     welcome: str = "您好，欢迎关注！我是本网点的智能助理，有问题请直接发消息给我。"
@@ -33,38 +39,63 @@ class DialogConfig:
     word_lists: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if self.memory_turns < 0 or self.memory_minutes < 0 or self.max_tokens < 1:
-            raise ValueError("memory_turns, memory_minutes ≥ 0 and max_tokens ≥ 1")
+        if min(self.memory_turns, self.memory_minutes, self.memory_tokens, self.rate_per_minute) < 0 \
+                or self.max_tokens < 1:
+            raise ValueError("memory_turns, memory_minutes, memory_tokens, rate_per_minute ≥ 0 and max_tokens ≥ 1")
 
 
 class Dialog:
     def __init__(self, chat: ChatService, store: Store, config: DialogConfig, word_filter: WordFilter):
         self.chat, self.store, self.config, self.filter = chat, store, config, word_filter
         self.filter_hits = {"in": 0, "out": 0}
+        self.show_reasoning: set[tuple[str, str]] = set()  # users who asked to see the model's reasoning
+        self._recent: dict[tuple[str, str], deque[float]] = defaultdict(deque)
 
     def command(self, text: str) -> str | None:
         """The reply to a command that needs no model (help), or None. Reset is async: see answer()."""
         return self.config.help_text if text.strip().lower() in HELP_COMMANDS else None
 
+    def _over_rate(self, who: tuple[str, str]) -> bool:
+        if not self.config.rate_per_minute:
+            return False
+        now, times = time.monotonic(), self._recent[who]
+        while times and times[0] < now - 60:
+            times.popleft()
+        if len(times) >= self.config.rate_per_minute:
+            return True
+        times.append(now)
+        return False
+
     async def answer(self, account: str, user: str, text: str) -> str:
-        text = text.strip()
+        text, who = text.strip(), (account, user)
         if text.lower() in RESET_COMMANDS:
             await self.store.run(_forget, account, user)
             return self.config.reset_reply
+        if text.lower() in SHOW_REASONING | HIDE_REASONING:
+            (self.show_reasoning.add if text.lower() in SHOW_REASONING else self.show_reasoning.discard)(who)
+            return "好的，之后的回答会附上思考过程。" if who in self.show_reasoning else "好的，之后只显示回答。"
         if (reply := self.command(text)) is not None:
             return reply
+        if self._over_rate(who):
+            return self.config.rate_limited_reply
+        self.filter.reload_if_changed()
         if self.filter.hits(text):
             self.filter_hits["in"] += 1
             return self.config.blocked_reply
         since = time.time() - self.config.memory_minutes * 60
         history = await self.store.run(_recent_turns, account, user, since, 2 * self.config.memory_turns)
+        history = self._within_budget(history)
         messages = ([{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else [])
         messages += history + [{"role": "user", "content": text}]
-        parts = []
+        parts, reasoning = [], []
         async for item in self.chat.reply(messages, self.chat.params(max_tokens=self.config.max_tokens)):
             if not isinstance(item, Finish):
                 parts.append(item.content)
+                reasoning.append(item.reasoning)
         answer = plain_text("".join(parts))
+        thought = "".join(reasoning).strip()
+        if who in self.show_reasoning and thought:
+            answer = f"【思考】{plain_text(thought)}\n\n【回答】{answer}"
         if self.filter.hits(answer):
             self.filter_hits["out"] += 1
             answer = self.filter.mask(answer)
@@ -75,6 +106,14 @@ class Dialog:
 
     async def forget(self, account: str, user: str) -> None:
         await self.store.run(_forget, account, user)
+        self.show_reasoning.discard((account, user))
+
+    def _within_budget(self, history: list[dict]) -> list[dict]:
+        """Drop the oldest question/answer pairs until the kept turns fit memory_tokens."""
+        encode = self.chat.tokenizer.encode
+        while history and sum(len(encode(t["content"])) for t in history) > self.config.memory_tokens:
+            history = history[2:]
+        return history
 
 
 def _recent_turns(db, account: str, user: str, since: float, limit: int) -> list[dict]:

@@ -1,0 +1,85 @@
+"""The dialog engine on the tiny model and a real SQLite file: memory within its budgets, commands, the per-user
+rate limit, the reasoning toggle, and the sensitive-word filter (normalized matching, masking, live reload)."""
+
+import os
+import time
+
+import pytest
+
+from appliance.app import open_chat
+from appliance.config import ModelConfig
+from appliance.dialog.engine import Dialog, DialogConfig, _recent_turns
+from appliance.dialog.filter import WordFilter
+from appliance.engine import EngineConfig
+from appliance.store import Store
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_fp32):
+    service = open_chat(ModelConfig(artifact=str(tiny_fp32), threads=1),
+                        EngineConfig(max_batch=2, max_length=512, think_budget=4))
+    yield service
+    service.engine.stop()
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = Store(tmp_path / "dialog.db")
+    store.open()
+    yield store
+    store.close()
+
+
+def _dialog(chat, store, words=(), **config):
+    return Dialog(chat, store, DialogConfig(max_tokens=6, **config), WordFilter(list(words)))
+
+
+async def test_memory_keeps_recent_turns_within_the_token_budget(chat, store):
+    dialog = _dialog(chat, store, memory_turns=5, memory_tokens=60)
+    for i in range(4):
+        await dialog.answer("a", "u", f"问题{i} " + "很长的问题" * 5)
+    history = await store.run(_recent_turns, "a", "u", 0, 10)
+    assert len(history) == 8
+    kept = dialog._within_budget(history)
+    assert kept and len(kept) < 8 and kept[0]["role"] == "user" and kept[-1] == history[-1]
+
+
+async def test_rate_limit_per_user(chat, store):
+    dialog = _dialog(chat, store, rate_per_minute=2)
+    answers = [await dialog.answer("a", "fast", "你好") for _ in range(3)]
+    assert answers[2] == dialog.config.rate_limited_reply and answers[0] != answers[2]
+    assert await dialog.answer("a", "other", "你好") != dialog.config.rate_limited_reply
+
+
+async def test_reasoning_toggle(chat, store):
+    dialog = _dialog(chat, store)
+    assert "思考" in await dialog.answer("a", "r", "#显示思考")
+    assert (await dialog.answer("a", "r", "你好")).startswith("【思考】")
+    await dialog.answer("a", "r", "#隐藏思考")
+    assert not (await dialog.answer("a", "r", "你好")).startswith("【思考】")
+
+
+async def test_blocked_words_are_refused_before_the_model(chat, store):
+    dialog = _dialog(chat, store, words=["违禁词"])
+    before = chat.engine.stats()["requests"]
+    assert await dialog.answer("a", "b", "这里有个违禁词") == dialog.config.blocked_reply
+    assert chat.engine.stats()["requests"] == before and dialog.filter_hits["in"] == 1
+
+
+def test_matching_ignores_width_and_case():
+    f = WordFilter(["ABC", "违禁"])
+    assert f.hits("xｘ ＡＢｃ y") == ["abc"] and f.hits("违　禁") == [] and f.hits("含违禁内容") == ["违禁"]
+    assert f.mask("含违禁内容") == "含＊＊内容"
+
+
+def test_lists_reload_when_the_file_changes(tmp_path):
+    words = tmp_path / "words.txt"
+    words.write_text("# comment\n甲\n", encoding="utf-8")
+    f = WordFilter.from_files([str(words)])
+    assert f.hits("甲乙") == ["甲"] and not f.reload_if_changed()
+    words.write_text("乙\n", encoding="utf-8")
+    os.utime(words, (time.time() + 5, time.time() + 5))
+    assert f.reload_if_changed() and f.hits("甲乙") == ["乙"]
+    words.write_bytes(b"\xff\xfe")  # broken: the old list stays
+    os.utime(words, (time.time() + 10, time.time() + 10))
+    assert not f.reload_if_changed() and f.hits("甲乙") == ["乙"]
