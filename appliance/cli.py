@@ -157,26 +157,35 @@ def cmd_wechat_sim(args) -> None:
     from appliance.wechat.envelope import Account
     from appliance.wechat.sim import Platform, text_message
 
-    token = os.environ.get("R1BOX_WECHAT_TOKEN", "")
-    if not token:
-        raise R1boxError("set R1BOX_WECHAT_TOKEN (and R1BOX_WECHAT_ENCODING_AES_KEY for --mode safe or compat) to "
-                         "the box's.")
-    platform = Platform(Account("mp", args.app_id, token, os.environ.get("R1BOX_WECHAT_ENCODING_AES_KEY", "")),
-                        args.mode)
+    if args.config:  # the box's own file: its app id, secrets, address and path
+        from appliance.config import load_config
+
+        config = load_config(args.config)
+        w, server = config.wechat, config.server
+        app_id, token, key = args.app_id or w.app_id, w.token, w.encoding_aes_key
+        url = args.url or f"http://{server.host}:{server.port}{w.path}"
+    else:
+        app_id, url = args.app_id, args.url or "http://127.0.0.1:8080/wechat"
+        token = os.environ.get("R1BOX_WECHAT_TOKEN", "")
+        key = os.environ.get("R1BOX_WECHAT_ENCODING_AES_KEY", "")
+    if not (app_id and token):
+        raise R1boxError("give --config with the box's configuration, or --app-id with R1BOX_WECHAT_TOKEN (and "
+                         "R1BOX_WECHAT_ENCODING_AES_KEY for --mode safe or compat) in the environment.")
+    platform = Platform(Account("mp", app_id, token, key), args.mode)
 
     async def send() -> tuple[int, str]:
-        request = platform.message(text_message(args.app_id, args.user, args.text, random.randrange(1, 2**62)))
+        request = platform.message(text_message(app_id, args.user, args.text, random.randrange(1, 2**62)))
         async with aiohttp.ClientSession() as session:
-            async with session.post(f"{args.url}?{request.query}", data=request.body,
+            async with session.post(f"{url}?{request.query}", data=request.body,
                                     timeout=aiohttp.ClientTimeout(total=10)) as resp:
                 return resp.status, await resp.text()
 
     try:
         status, body = asyncio.run(send())
     except (aiohttp.ClientError, TimeoutError) as e:
-        raise R1boxError(f"{args.url}: {type(e).__name__}: {e}; is the box up?") from None
+        raise R1boxError(f"{url}: {type(e).__name__}: {e}; is the box up?") from None
     if status != 200:
-        raise R1boxError(f"{args.url} answered {status}: {body[:200]}")
+        raise R1boxError(f"{url} answered {status}: {body[:200]}")
     reply = platform.read_reply(body)
     print(reply if reply is not None else "(success: the answer comes later)")
 
@@ -230,8 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("wechat-sim", help="send a message to a running box as the WeChat platform would")
     p.add_argument("text")
-    p.add_argument("--url", default="http://127.0.0.1:8080/wechat")
-    p.add_argument("--app-id", required=True)
+    p.add_argument("--config", help="the box's configuration file: app id, secrets, address")
+    p.add_argument("--url", help="callback URL (default: from --config, else http://127.0.0.1:8080/wechat)")
+    p.add_argument("--app-id")
     p.add_argument("--user", default="sim-user")
     p.add_argument("--mode", choices=["plain", "compat", "safe"], default="plain")
     p.set_defaults(func=cmd_wechat_sim)

@@ -89,3 +89,42 @@ async def test_a_slow_answer_arrives_by_push_and_survives_a_network_cut(aiohttp_
     await api.server.start_server()  # and back
     assert await _until(lambda: any(s["touser"] == "push-user" for s in api.sent))
     assert "def" in api.sent[0]["text"]["content"]
+
+
+def test_the_readme_trial_config_answers_in_every_mode(tmp_path):
+    import os
+    import re
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"<!-- trial-config -->\s*```toml\n(.*?)```", readme, re.S).group(1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "trial.toml"
+    config.write_text(block + f"\n[server]\nport = {port}\n[metrics]\nport = 0\n")
+    env = dict(os.environ, R1BOX_DATA=str(tmp_path))
+    cli = [sys.executable, "-m", "appliance.cli"]
+    server = subprocess.Popen(cli + ["serve", "--config", str(config)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()
+                time.sleep(0.2)
+        for mode in ("plain", "compat", "safe"):
+            sim = subprocess.run(cli + ["wechat-sim", "一加一等于几？", "--config", str(config), "--mode", mode],
+                                 env=env, capture_output=True, text=True, timeout=60)
+            assert sim.returncode == 0, sim.stderr
+            assert sim.stdout.strip() and "success" not in sim.stdout
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
