@@ -18,11 +18,19 @@ class FakeWeChatApi:
         self.app.router.add_get("/cgi-bin/gettoken", self._token)
         self.app.router.add_post("/cgi-bin/message/custom/send", self._send)
         self.app.router.add_post("/cgi-bin/message/send", self._send)
+        self.app.router.add_post("/cgi-bin/message/custom/typing", self._typing)
+        self.typing: list[dict] = []
 
     async def _token(self, request: web.Request) -> web.Response:
         self.tokens_issued += 1
         self.current = f"token-{self.tokens_issued}"
         return web.json_response({"access_token": self.current, "expires_in": 7200})
+
+    async def _typing(self, request: web.Request) -> web.Response:
+        if request.query.get("access_token") != self.current:
+            return web.json_response({"errcode": 40001, "errmsg": "invalid credential"})
+        self.typing.append(await request.json())
+        return web.json_response({"errcode": 0, "errmsg": "ok"})
 
     async def _send(self, request: web.Request) -> web.Response:
         if request.query.get("access_token") != self.current:

@@ -63,6 +63,7 @@ async def test_late_answer_is_pushed_once(aiohttp_client, config_file, api):
     assert len([s for s in api.sent if s["touser"] == "push-user"]) == 1
     row = (await _inbound(client, "push-user"))[0]
     assert (row["status"], row["delivery"]) == ("delivered", "push")
+    assert api.typing == [{"touser": "push-user", "command": "Typing"}]  # shown while the answer was made
     assert api.sent[0]["text"]["content"] == row["answer"]
 
 

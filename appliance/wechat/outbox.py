@@ -53,6 +53,17 @@ class Outbox:
         await self.store.run(_enqueue, account, user, inbound_key, text, time.time())
         self._wake.set()
 
+    async def typing(self, account: str, user: str) -> None:
+        """"Typing…" in the user's chat while a late answer is made (Official Accounts only; best effort: it
+        needs an interaction in the last 30 s, lasts 15 s, and a refusal changes nothing)."""
+        if self.credentials[account].kind != "mp":
+            return
+        try:
+            await self.tokens[account].call("POST", "/cgi-bin/message/custom/typing",
+                                            {"touser": user, "command": "Typing"})
+        except ApiError as e:
+            log.debug("typing indicator refused (%s)", e.code)
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 

@@ -163,6 +163,8 @@ class WeChatService:
         """Late answers of accounts that may push go out through the outbox; the others wait for a pull."""
         if self.outbox is None or message.account not in self.push_accounts:
             return
+        if not task.done():
+            asyncio.get_running_loop().create_task(self.outbox.typing(message.account, message.user))
 
         def done(t: asyncio.Task) -> None:
             if not t.cancelled() and t.exception() is None:
