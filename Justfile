@@ -13,12 +13,26 @@ chat *ARGS: install
     {{venv}}/bin/r1box chat {{ARGS}}
 
 # install everything and run the whole test suite (the real 0.5B model included)
-test *ARGS: install
+test *ARGS: install promtool
     {{python}} -m pytest {{ARGS}}
 
 # fast tests only: the tiny random model, no 0.5 GB download
-test-fast *ARGS: install
+test-fast *ARGS: install promtool
     {{python}} -m pytest -m "not slow" {{ARGS}}
+
+# promtool, for the alert-rule test: unpacked (not installed) from Debian's prometheus package into the cache
+[private]
+promtool:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    dest="${R1BOX_CACHE:-$HOME/.cache/r1box}/tools"
+    [ -x "$dest/promtool" ] && exit 0
+    work=$(mktemp -d) && trap 'rm -rf "$work"' EXIT
+    cd "$work"
+    echo "fetching promtool from Debian's prometheus package" >&2
+    apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get download prometheus >/dev/null; }
+    dpkg-deb -x prometheus_*.deb root
+    mkdir -p "$dest" && cp root/usr/bin/promtool "$dest/promtool"
 
 # run the service (local API on 127.0.0.1:8080; WeChat with later stages) with a TOML config, or the defaults
 serve *ARGS: install

@@ -33,6 +33,11 @@ class Metrics:
         self.requests = Counter("llm_requests", "Answered requests by how they ended", ["status"],
                                 registry=self.registry)
         self.errors = Counter("llm_errors", "Requests that failed, by kind", ["kind"], registry=self.registry)
+        # known label values start at 0, so rate() works from the first failure on and alerts have a series
+        for kind in ("busy", "bad_request", "internal"):
+            self.errors.labels(kind)
+        for status in ("stop", "length", "cancelled", "busy", "bad_request", "error"):
+            self.requests.labels(status)
 
     def watch(self, *sources) -> None:
         """Objects with a collect() that yields metric families at scrape time."""
