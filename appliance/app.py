@@ -85,8 +85,8 @@ def wechat_accounts(config: Config) -> dict[str, Account]:
     accounts = {}
     if config.wechat.app_id:
         w = config.wechat
-        accounts[w.path] = Account("mp", w.app_id, w.token, w.encoding_aes_key, w.previous_encoding_aes_key, mode=w.mode,
-                                   replay_window_s=w.replay_window_s)
+        accounts[w.path] = Account("mp", w.app_id, w.token, w.encoding_aes_key, w.previous_encoding_aes_key,
+                                   mode=w.mode, replay_window_s=w.replay_window_s)
     if config.wecom.corp_id:
         w = config.wecom
         accounts[w.path] = Account("wecom", w.corp_id, w.token, w.encoding_aes_key, w.previous_encoding_aes_key,

@@ -157,37 +157,48 @@ def cmd_wechat_sim(args) -> None:
     from appliance.wechat.envelope import Account
     from appliance.wechat.sim import Platform, text_message
 
+    kind = "wecom" if args.wecom else "mp"
+    prefix = "R1BOX_WECOM" if args.wecom else "R1BOX_WECHAT"
     if args.config:  # the box's own file: its app id, secrets, address and path
         from appliance.config import load_config
 
         config = load_config(args.config)
-        w, server = config.wechat, config.server
-        app_id, token, key = args.app_id or w.app_id, w.token, w.encoding_aes_key
+        w, server = (config.wecom if args.wecom else config.wechat), config.server
+        app_id = args.app_id or (w.corp_id if args.wecom else w.app_id)
+        token, key = w.token, w.encoding_aes_key
         url = args.url or f"http://{server.host}:{server.port}{w.path}"
     else:
-        app_id, url = args.app_id, args.url or "http://127.0.0.1:8080/wechat"
-        token = os.environ.get("R1BOX_WECHAT_TOKEN", "")
-        key = os.environ.get("R1BOX_WECHAT_ENCODING_AES_KEY", "")
+        app_id = args.app_id
+        url = args.url or f"http://127.0.0.1:8080/{'wecom' if args.wecom else 'wechat'}"
+        token, key = os.environ.get(f"{prefix}_TOKEN", ""), os.environ.get(f"{prefix}_ENCODING_AES_KEY", "")
     if not (app_id and token):
-        raise R1boxError("give --config with the box's configuration, or --app-id with R1BOX_WECHAT_TOKEN (and "
-                         "R1BOX_WECHAT_ENCODING_AES_KEY for --mode safe or compat) in the environment.")
-    platform = Platform(Account("mp", app_id, token, key), args.mode)
+        raise R1boxError(f"give --config with the box's configuration, or --app-id with {prefix}_TOKEN (and "
+                         f"{prefix}_ENCODING_AES_KEY for encrypted modes) in the environment.")
+    platform = Platform(Account(kind, app_id, token, key), args.mode)
+    request = platform.message(text_message(app_id, args.user, args.text, random.randrange(1, 2**62)))
 
-    async def send() -> tuple[int, str]:
-        request = platform.message(text_message(app_id, args.user, args.text, random.randrange(1, 2**62)))
+    async def send() -> list[tuple[int, str]]:
+        """The first delivery, then the platform's retries 5 s apart, each with the same message."""
+        answers = []
         async with aiohttp.ClientSession() as session:
-            async with session.post(f"{url}?{request.query}", data=request.body,
-                                    timeout=aiohttp.ClientTimeout(total=10)) as resp:
-                return resp.status, await resp.text()
+            for attempt in range(1 + args.retries):
+                if attempt:
+                    await asyncio.sleep(5)
+                async with session.post(f"{url}?{request.query}", data=request.body,
+                                        timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                    answers.append((resp.status, await resp.text()))
+        return answers
 
     try:
-        status, body = asyncio.run(send())
+        answers = asyncio.run(send())
     except (aiohttp.ClientError, TimeoutError) as e:
         raise R1boxError(f"{url}: {type(e).__name__}: {e}; is the box up?") from None
-    if status != 200:
-        raise R1boxError(f"{url} answered {status}: {body[:200]}")
-    reply = platform.read_reply(body)
-    print(reply if reply is not None else "(success: the answer comes later)")
+    for attempt, (status, body) in enumerate(answers):
+        if status != 200:
+            raise R1boxError(f"{url} answered {status}: {body[:200]}")
+        reply = platform.read_reply(body)
+        label = f"[delivery {attempt + 1}] " if len(answers) > 1 else ""
+        print(label + (reply if reply is not None else "(success: the answer comes later)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app-id")
     p.add_argument("--user", default="sim-user")
     p.add_argument("--mode", choices=["plain", "compat", "safe"], default="plain")
+    p.add_argument("--wecom", action="store_true", help="as WeCom (always encrypted) instead of the Official Account")
+    p.add_argument("--retries", type=int, default=0, help="deliver the same message again N times, 5 s apart, as "
+                   "the platform does when it gets no answer in time")
     p.set_defaults(func=cmd_wechat_sim)
     return parser
 

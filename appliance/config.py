@@ -147,7 +147,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict] | Non
         try:
             raw = tomllib.loads(path.read_text())
         except FileNotFoundError:
-            raise ConfigError(f"{path}: no such configuration file; copy appliance/config.example.toml and edit it.") from None
+            raise ConfigError(f"{path}: no such configuration file; copy appliance/config.example.toml and edit "
+                              "it.") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid TOML ({e}); fix the line it names.") from None
         except OSError as e:

@@ -116,7 +116,8 @@ class WeChatCollector:
         for code, n in sorted(outbox.results.items()):
             results.add_metric([str(code)], n)
         yield results
-        yield _counter("wechat_token_refreshes", "Access tokens fetched", sum(t.refreshes for t in outbox.tokens.values()))
+        refreshes = sum(t.refreshes for t in outbox.tokens.values())
+        yield _counter("wechat_token_refreshes", "Access tokens fetched", refreshes)
 
 
 class GpuCollector:

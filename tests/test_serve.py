@@ -22,10 +22,12 @@ def test_serve_answers_wechat_sim_and_stops_on_sigterm(tiny_fp32, tmp_path):
     port = _free_port()
     config = tmp_path / "r1box.toml"
     config.write_text(f'[model]\nartifact = "{tiny_fp32}"\nthreads = 1\n[engine]\nmax_batch = 2\nmax_length = 256\n'
-                      'think_budget = 4\n[wechat]\napp_id = "wx-serve-test"\nmode = "compat"\n[dialog]\nmax_tokens = 8\n'
+                      'think_budget = 4\n[wechat]\napp_id = "wx-serve-test"\nmode = "compat"\n'
+                      '[wecom]\ncorp_id = "ww-serve"\n[dialog]\nmax_tokens = 8\n'
                       f'[metrics]\nport = 0\n[store]\npath = "{tmp_path / "r1box.db"}"\n[server]\nport = {port}\n')
-    env = dict(os.environ, R1BOX_WECHAT_TOKEN="serve-token",
-               R1BOX_WECHAT_ENCODING_AES_KEY=base64.b64encode(bytes(32)).decode().rstrip("="))
+    key = base64.b64encode(bytes(32)).decode().rstrip("=")
+    env = dict(os.environ, R1BOX_WECHAT_TOKEN="serve-token", R1BOX_WECHAT_ENCODING_AES_KEY=key,
+               R1BOX_WECOM_TOKEN="serve-token", R1BOX_WECOM_ENCODING_AES_KEY=key)
     server = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--config", str(config)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -45,6 +47,17 @@ def test_serve_answers_wechat_sim_and_stops_on_sigterm(tiny_fp32, tmp_path):
                                  env=env, capture_output=True, text=True, timeout=60)
             assert sim.returncode == 0, sim.stderr
             assert sim.stdout.strip()
+        sim = subprocess.run([sys.executable, "-m", "appliance.cli", "wechat-sim", "你好", "--wecom", "--app-id",
+                              "ww-serve", "--url", f"http://127.0.0.1:{port}/wecom"],
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert sim.returncode == 0 and sim.stdout.strip(), sim.stderr
+        # the platform's retry 5 s later finds the message answered: no second answer
+        sim = subprocess.run([sys.executable, "-m", "appliance.cli", "wechat-sim", "再见", "--app-id", "wx-serve-test",
+                              "--retries", "1", "--url", f"http://127.0.0.1:{port}/wechat"],
+                             env=env, capture_output=True, text=True, timeout=60)
+        lines = sim.stdout.strip().splitlines()
+        assert sim.returncode == 0 and len(lines) == 2, sim.stderr
+        assert lines[1] == "[delivery 2] (success: the answer comes later)" and "success" not in lines[0]
     finally:
         server.send_signal(signal.SIGTERM)
         output = server.communicate(timeout=30)[0]
@@ -52,7 +65,7 @@ def test_serve_answers_wechat_sim_and_stops_on_sigterm(tiny_fp32, tmp_path):
     assert "serve-token" not in output  # secrets never in logs
     records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]  # not a tty: JSON lines
     answered = [r for r in records if r["msg"] == "answered"]
-    assert len(answered) == 2 and all(r["request_id"] != "-" for r in answered)
+    assert len(answered) == 4 and all(r["request_id"] != "-" for r in answered)
 
 
 def test_json_logs_carry_the_request_id():

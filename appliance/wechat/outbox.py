@@ -6,7 +6,8 @@ messages per user in the 48 hours after their last message (a long answer is cut
 as the quota goes; the rest waits for the user's next message), backs off on network errors, and maps the
 platform's refusals to what can still be done:
 
-    45015 window closed, 45047 quota spent   → keep the answer for the user's next message (pull)
+    45015 window closed, 45047 quota spent,
+    45002 content too long                   → keep the answer for the user's next message (pull)
     48001 API unauthorized (unverified)      → pull, and an alert: set delivery = "pull"
     40164 IP not on the whitelist            → keep trying, and an alert that says what to do
     45009, 45011 rate limits, network errors → back off and retry
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 USER_QUOTA = 5
 QUOTA_WINDOW_S = 48 * 3600
-TO_PULL = {45015, 45047, 48001}
+TO_PULL = {45002, 45015, 45047, 48001}  # 45002: too long, which the 2048-byte pieces should never be
 ALERTS = {
     48001: "the account may not use the customer-service API (unverified?): set [wechat] delivery = \"pull\"",
     40164: "the platform refuses this box's IP address: add it to the account's IP whitelist, or set "
