@@ -35,13 +35,15 @@ def _dialog(chat, store, words=(), **config):
 
 
 async def test_memory_keeps_recent_turns_within_the_token_budget(chat, store):
-    dialog = _dialog(chat, store, memory_turns=5, memory_tokens=60)
+    dialog = _dialog(chat, store, memory_turns=5)
     for i in range(4):
         await dialog.answer("a", "u", f"问题{i} " + "很长的问题" * 5)
     history = await store.run(_recent_turns, "a", "u", 0, 10)
-    assert len(history) == 8
-    kept = dialog._within_budget(history)
-    assert kept and len(kept) < 8 and kept[0]["role"] == "user" and kept[-1] == history[-1]
+    assert len(history) == 8 and history[0]["role"] == "user"
+    tokens = sum(len(chat.tokenizer.encode(t["content"])) for t in history)
+    tight = _dialog(chat, store, memory_tokens=tokens - 1)  # one token too few: the oldest pair goes
+    assert tight._within_budget(history) == history[2:]
+    assert _dialog(chat, store, memory_tokens=tokens)._within_budget(history) == history
 
 
 async def test_rate_limit_per_user(chat, store):
