@@ -53,11 +53,20 @@ def _m0003_outbox_and_tokens(db: sqlite_utils.Database) -> None:
     db["tokens"].create({"app_id": str, "token": str, "expires_at": float}, pk="app_id")
 
 
+def _m0004_audit_log(db: sqlite_utils.Database) -> None:
+    # append-only from the application: no update or delete path except retention
+    db["audit_log"].create({"id": int, "user_id": str, "operation": str, "timestamp": float, "ip_address": str,
+                            "details": str}, pk="id", not_null={"operation", "timestamp"})
+    db["audit_log"].create_index(["timestamp"])
+    db["audit_log"].create_index(["operation", "timestamp"])
+
+
 # Append only: a released migration is never edited or reordered; its name is recorded once applied.
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_wechat_inbound", _m0001_wechat_inbound),
     ("0002_dialog_turns", _m0002_dialog_turns),
     ("0003_outbox_and_tokens", _m0003_outbox_and_tokens),
+    ("0004_audit_log", _m0004_audit_log),
 ]
 
 

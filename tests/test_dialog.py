@@ -1,6 +1,7 @@
 """The dialog engine on the tiny model and a real SQLite file: memory within its budgets, commands, the per-user
 rate limit, the reasoning toggle, and the sensitive-word filter (normalized matching, masking, live reload)."""
 
+import json
 import os
 import time
 
@@ -66,6 +67,9 @@ async def test_blocked_words_are_refused_before_the_model(chat, store):
     before = chat.engine.stats()["requests"]
     assert await dialog.answer("a", "b", "这里有个违禁词") == dialog.config.blocked_reply
     assert chat.engine.stats()["requests"] == before and dialog.filter_hits["in"] == 1
+    rows = await store.run(lambda db: list(db["audit_log"].rows))
+    assert [(r["operation"], r["user_id"][:2]) for r in rows] == [("filter_hit", "u-")]
+    assert json.loads(rows[0]["details"]) == {"direction": "in", "words": ["违禁词"]}
 
 
 def test_matching_ignores_width_and_case():

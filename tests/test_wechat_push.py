@@ -107,7 +107,7 @@ async def _restart(api, port):
     return server
 
 
-@pytest.mark.parametrize("code, alert", [(45015, False), (45047, False), (48001, True)])
+@pytest.mark.parametrize("code, alert", [(45015, False), (45047, False), (45002, False), (48001, True)])
 async def test_refusals_turn_into_pull(aiohttp_client, config_file, api, code, alert):
     client = await aiohttp_client(create_app(load_config(config_file)))
     api.send_errors = [code]
@@ -175,3 +175,28 @@ def test_short_lived_stable_tokens_are_refreshed_early():
 
     assert _refresh_at(0, 7200) == 7200 - 300
     assert _refresh_at(0, 345) == 345 - 69  # a fifth of its life, not 300 s of 345
+
+
+async def test_wecom_members_get_at_most_30_messages_a_minute(tmp_path):
+    from appliance.wechat.outbox import _member_wait
+
+    store = Store(tmp_path / "cap.db")
+    store.open()
+    now = time.time()
+    await store.run(lambda db: db["outbox"].insert_all(
+        {"account": "ww", "user": "m", "content": "x", "created_at": now - 50, "status": "sent",
+         "sent_at": now - 50 + i} for i in range(30)))
+    wait = await store.run(_member_wait, "ww", "m", now)
+    assert 9 < wait <= 10  # the oldest of the 30 leaves the minute in ten seconds
+    assert await store.run(_member_wait, "ww", "other", now) == 0.0
+    store.close()
+
+
+async def test_rate_limits_are_waited_out(aiohttp_client, config_file, api):
+    client = await aiohttp_client(create_app(load_config(config_file)))
+    outbox = client.app[WECHAT].outbox
+    outbox.max_backoff_s = 0.2
+    api.send_errors = [45009, 45011]
+    await _late_message(client, "quota-user", 8)
+    assert await _until(lambda: _sent_to(api, "quota-user"))
+    assert outbox.results[45009] == outbox.results[45011] == 1

@@ -11,6 +11,7 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
 
+from appliance import audit
 from appliance.chat import ChatService
 from appliance.dialog.filter import WordFilter
 from appliance.dialog.wechat_text import plain_text
@@ -79,8 +80,8 @@ class Dialog:
         if self._over_rate(who):
             return self.config.rate_limited_reply
         self.filter.reload_if_changed()
-        if self.filter.hits(text):
-            self.filter_hits["in"] += 1
+        if hits := self.filter.hits(text):
+            await self._audit_hit(account, user, "in", hits)
             return self.config.blocked_reply
         since = time.time() - self.config.memory_minutes * 60
         history = await self.store.run(_recent_turns, account, user, since, 2 * self.config.memory_turns)
@@ -96,13 +97,18 @@ class Dialog:
         thought = "".join(reasoning).strip()
         if who in self.show_reasoning and thought:
             answer = f"【思考】{plain_text(thought)}\n\n【回答】{answer}"
-        if self.filter.hits(answer):
-            self.filter_hits["out"] += 1
+        if hits := self.filter.hits(answer):
+            await self._audit_hit(account, user, "out", hits)
             answer = self.filter.mask(answer)
         if not answer:
             answer = "抱歉，我没能想出答案，请换个说法再问一次。"
         await self.store.run(_remember, account, user, text, answer)
         return answer
+
+    async def _audit_hit(self, account: str, user: str, direction: str, hits: list[str]) -> None:
+        self.filter_hits[direction] += 1
+        await self.store.run(audit.record, "filter_hit", {"direction": direction, "words": hits},
+                             audit.pseudonym(account, user))
 
     async def forget(self, account: str, user: str) -> None:
         await self.store.run(_forget, account, user)

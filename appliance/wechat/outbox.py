@@ -11,6 +11,7 @@ platform's refusals to what can still be done:
     48001 API unauthorized (unverified)      → pull, and an alert: set delivery = "pull"
     40164 IP not on the whitelist            → keep trying, and an alert that says what to do
     45009, 45011 rate limits, network errors → back off and retry
+    WeCom: 30 messages a minute per member   → held until the minute has room (WeCom drops the excess silently)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 USER_QUOTA = 5
 QUOTA_WINDOW_S = 48 * 3600
+WECOM_PER_MEMBER_PER_MINUTE = 30  # beyond it WeCom drops messages silently
 TO_PULL = {45002, 45015, 45047, 48001}  # 45002: too long, which the 2048-byte pieces should never be
 ALERTS = {
     48001: "the account may not use the customer-service API (unverified?): set [wechat] delivery = \"pull\"",
@@ -95,6 +97,11 @@ class Outbox:
 
     async def _send(self, row: dict) -> None:
         creds = self.credentials[row["account"]]
+        if creds.kind == "wecom":
+            wait = await self.store.run(_member_wait, row["account"], row["user"], time.time())
+            if wait > 0:  # WeCom would drop it without an error: hold it until the minute has room
+                await self.store.run(_retry_later, row["id"], "WeCom per-member minute cap", time.time() + wait, 0)
+                return
         try:
             if creds.kind == "wecom":
                 await self.tokens[row["account"]].call("POST", "/cgi-bin/message/send", {
@@ -161,10 +168,19 @@ def _sent(db, row_id: int, now: float) -> None:
                    "(SELECT inbound_key FROM outbox WHERE id = ?) AND status = 'pushing'", [now, row_id])
 
 
-def _retry_later(db, row_id: int, error: str, at: float) -> None:
+def _retry_later(db, row_id: int, error: str, at: float, attempt: int = 1) -> None:
     with db.conn:
-        db.execute("UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? WHERE id = ?",
-                   [at, error[:300], row_id])
+        db.execute("UPDATE outbox SET attempts = attempts + ?, next_attempt_at = ?, last_error = ? WHERE id = ?",
+                   [attempt, at, error[:300], row_id])
+
+
+def _member_wait(db, account: str, user: str, now: float) -> float:
+    """Seconds until a WeCom member may receive another message within the per-minute cap (0: now)."""
+    sent = [r[0] for r in db.execute("SELECT sent_at FROM outbox WHERE account = ? AND user = ? AND status = 'sent' "
+                                     "AND sent_at > ? ORDER BY sent_at", [account, user, now - 60]).fetchall()]
+    if len(sent) < WECOM_PER_MEMBER_PER_MINUTE:
+        return 0.0
+    return sent[len(sent) - WECOM_PER_MEMBER_PER_MINUTE] + 60 - now
 
 
 def _back_to_pull(db, row_id: int, error: str) -> None:
