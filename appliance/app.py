@@ -109,7 +109,9 @@ def push_credentials(config: Config) -> dict[str, tuple[Credentials, str]]:
 def _wechat_ctx(callbacks: Callbacks):
     async def ctx(app: web.Application):
         config, store = app[CONFIG], app[STORE]
-        dialog = Dialog(app[CHAT], store, config.dialog, WordFilter.from_files(list(config.dialog.word_lists)))
+        dialog = Dialog(app[CHAT], store, config.dialog, WordFilter.from_files(list(config.dialog.word_lists)),
+                        {config.wechat.app_id: config.wechat.system_prompt,
+                         config.wecom.corp_id: config.wecom.system_prompt})
         pushing = push_credentials(config)
         outbox, session = None, None
         if pushing:

@@ -67,6 +67,7 @@ class WeChatConfig:
     delivery: str = "pull"  # late answers: "push" (customer-service API, verified accounts) or "pull"
     api_base_url: str = "https://api.weixin.qq.com"  # or a fixed-IP proxy (error 40164)
     stable_token: bool = True
+    system_prompt: str = ""  # this account's; empty: [dialog] system_prompt
     token: str = field(default="", repr=False)
     encoding_aes_key: str = field(default="", repr=False)
     previous_encoding_aes_key: str = field(default="", repr=False)
@@ -93,6 +94,7 @@ class WeComConfig:
     path: str = "/wecom"
     replay_window_s: int = 300
     api_base_url: str = "https://qyapi.weixin.qq.com"
+    system_prompt: str = ""  # this app's; empty: [dialog] system_prompt
     token: str = field(default="", repr=False)
     encoding_aes_key: str = field(default="", repr=False)
     previous_encoding_aes_key: str = field(default="", repr=False)

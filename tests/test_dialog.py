@@ -89,3 +89,23 @@ def test_lists_reload_when_the_file_changes(tmp_path):
     words.write_bytes(b"\xff\xfe")  # broken: the old list stays
     os.utime(words, (time.time() + 10, time.time() + 10))
     assert not f.reload_if_changed() and f.hits("甲乙") == ["乙"]
+
+
+async def test_each_account_has_its_own_system_prompt(chat, store):
+    seen = []
+
+    class Recording:  # the real chat service, with the prompts it is asked to render kept
+        tokenizer = chat.tokenizer
+
+        def params(self, **kw):
+            return chat.params(**kw)
+
+        def reply(self, messages, params):
+            seen.append(messages[0])
+            return chat.reply(messages, params)
+
+    dialog = Dialog(Recording(), store, DialogConfig(max_tokens=2, system_prompt="总行"), WordFilter([]),
+                    {"wx-a": "甲网点", "wx-b": ""})
+    for account in ("wx-a", "wx-b", "wx-c"):
+        await dialog.answer(account, "u", "你好")
+    assert [m["content"] for m in seen] == ["甲网点", "总行", "总行"]

@@ -200,3 +200,24 @@ async def test_rate_limits_are_waited_out(aiohttp_client, config_file, api):
     await _late_message(client, "quota-user", 8)
     assert await _until(lambda: _sent_to(api, "quota-user"))
     assert outbox.results[45009] == outbox.results[45011] == 1
+
+
+async def test_wecom_late_answers_are_pushed_with_the_agent_id(aiohttp_client, tiny_fp32, tmp_path, monkeypatch, api):
+    monkeypatch.setenv("R1BOX_WECOM_TOKEN", TOKEN)
+    monkeypatch.setenv("R1BOX_WECOM_ENCODING_AES_KEY", KEY)
+    monkeypatch.setenv("R1BOX_WECOM_CORP_SECRET", "corp-secret")
+    path = tmp_path / "wecom.toml"
+    path.write_text(f'[model]\nartifact = "{tiny_fp32}"\nthreads = 1\n[engine]\nmax_length = 256\nthink_budget = 4\n'
+                    '[wecom]\ncorp_id = "ww-push"\nagent_id = "1000002"\n'
+                    f'api_base_url = "http://127.0.0.1:{api.server.port}"\n[dialog]\nmax_tokens = 12\n'
+                    f'[metrics]\nport = 0\n[store]\npath = "{tmp_path / "r1box.db"}"\n')
+    client = await aiohttp_client(create_app(load_config(path)))
+    client.app[WECHAT].deadline_s = 0.0
+    wecom = Platform(Account("wecom", "ww-push", TOKEN, KEY))
+    request = wecom.message(text_message("ww-push", "zhangsan", "你好", 9))
+    resp = await client.post(f"/wecom?{request.query}", data=request.body)
+    assert resp.status == 200 and await resp.text() == "success"
+    assert await _until(lambda: _sent_to(api, "zhangsan"))
+    sent = next(s for s in api.sent if s["touser"] == "zhangsan")
+    assert sent["agentid"] == 1000002 and sent["msgtype"] == "text" and sent["text"]["content"]
+    assert api.typing == []  # WeCom has no typing indicator

@@ -46,8 +46,10 @@ class DialogConfig:
 
 
 class Dialog:
-    def __init__(self, chat: ChatService, store: Store, config: DialogConfig, word_filter: WordFilter):
+    def __init__(self, chat: ChatService, store: Store, config: DialogConfig, word_filter: WordFilter,
+                 system_prompts: dict[str, str] | None = None):
         self.chat, self.store, self.config, self.filter = chat, store, config, word_filter
+        self.system_prompts = {k: v for k, v in (system_prompts or {}).items() if v}  # per account, else config
         self.filter_hits = {"in": 0, "out": 0}
         self.show_reasoning: set[tuple[str, str]] = set()  # users who asked to see the model's reasoning
         self._recent: dict[tuple[str, str], deque[float]] = defaultdict(deque)
@@ -86,7 +88,8 @@ class Dialog:
         since = time.time() - self.config.memory_minutes * 60
         history = await self.store.run(_recent_turns, account, user, since, 2 * self.config.memory_turns)
         history = self._within_budget(history)
-        messages = ([{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else [])
+        system = self.system_prompts.get(account, self.config.system_prompt)
+        messages = [{"role": "system", "content": system}] if system else []
         messages += history + [{"role": "user", "content": text}]
         parts, reasoning = [], []
         async for item in self.chat.reply(messages, self.chat.params(max_tokens=self.config.max_tokens)):
