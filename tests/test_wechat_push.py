@@ -112,12 +112,19 @@ async def test_refusals_turn_into_pull(aiohttp_client, config_file, api, code, a
     client = await aiohttp_client(create_app(load_config(config_file)))
     api.send_errors = [code]
     await _late_message(client, f"refused-{code}", 4)
-    assert await _until(lambda: _status(client, f"refused-{code}", "answered"))
+    # the push was tried and refused (an outbox row back in "pull"), not merely answered before the push began
+    assert await _until(lambda: _outbox_status(client, f"refused-{code}", "pull"))
+    assert await _status(client, f"refused-{code}", "answered")
     assert bool(client.app[WECHAT].outbox.alerts) == alert
     client.app[WECHAT].deadline_s = 4.5
     request = PLATFORM.message(text_message(APP_ID, f"refused-{code}", "还在吗", 5))
     reply = PLATFORM.read_reply(await (await client.post(f"/wechat?{request.query}", data=request.body)).text())
     assert reply and "回答生成中" in reply
+
+
+async def _outbox_status(client, user, status):
+    rows = await client.app[STORE].run(lambda db: list(db["outbox"].rows_where("user = ?", [user])))
+    return bool(rows) and all(r["status"] == status for r in rows)
 
 
 async def _status(client, user, status):
@@ -142,13 +149,19 @@ async def test_the_user_quota_is_kept_and_the_rest_waits_for_a_pull(tmp_path):
     store.close()
 
 
-async def test_ip_not_whitelisted_raises_an_alert_and_keeps_trying(aiohttp_client, config_file, api):
+async def _pushed_through(aiohttp_client, config_file, api, user: str, errors: list[int]):
+    """A late answer whose first sends the platform refuses with `errors`; returns the outbox once it went out."""
     client = await aiohttp_client(create_app(load_config(config_file)))
     outbox = client.app[WECHAT].outbox
     outbox.max_backoff_s = 0.2
-    api.send_errors = [40164, 40164]
-    await _late_message(client, "ip-user", 6)
-    assert await _until(lambda: _sent_to(api, "ip-user"))
+    api.send_errors = list(errors)
+    await _late_message(client, user, 6)
+    assert await _until(lambda: _sent_to(api, user))
+    return outbox
+
+
+async def test_ip_not_whitelisted_raises_an_alert_and_keeps_trying(aiohttp_client, config_file, api):
+    outbox = await _pushed_through(aiohttp_client, config_file, api, "ip-user", [40164, 40164])
     assert [a["code"] for a in outbox.alerts] == [40164, 40164] and "whitelist" in outbox.alerts[0]["message"]
     assert outbox.results[40164] == 2 and outbox.results[0] == 1
 
@@ -193,12 +206,7 @@ async def test_wecom_members_get_at_most_30_messages_a_minute(tmp_path):
 
 
 async def test_rate_limits_are_waited_out(aiohttp_client, config_file, api):
-    client = await aiohttp_client(create_app(load_config(config_file)))
-    outbox = client.app[WECHAT].outbox
-    outbox.max_backoff_s = 0.2
-    api.send_errors = [45009, 45011]
-    await _late_message(client, "quota-user", 8)
-    assert await _until(lambda: _sent_to(api, "quota-user"))
+    outbox = await _pushed_through(aiohttp_client, config_file, api, "quota-user", [45009, 45011])
     assert outbox.results[45009] == outbox.results[45011] == 1
 
 
