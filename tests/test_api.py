@@ -8,7 +8,7 @@ import pytest
 
 from appliance.app import create_app
 from appliance.config import load_config
-from tests.conftest import read_manifest
+from tests.conftest import read_manifest, write_config
 
 GREEDY = {"temperature": 0, "max_tokens": 8}
 HELLO = [{"role": "user", "content": "你好"}]
@@ -16,10 +16,8 @@ HELLO = [{"role": "user", "content": "你好"}]
 
 @pytest.fixture
 def config(tiny_fp32, tmp_path):
-    path = tmp_path / "r1box.toml"
-    path.write_text(f'[model]\nartifact = "{tiny_fp32}"\nthreads = 1\n[engine]\nmax_batch = 2\nmax_waiting = 2\n'
-                    f'max_length = 128\n[server]\nmax_body_kb = 16\n[metrics]\nport = 0\n[store]\npath = "{tmp_path / "r1box.db"}"\n')
-    return path
+    return write_config(tmp_path, tiny_fp32, '[engine]\nmax_batch = 2\nmax_waiting = 2\nmax_length = 128\n'
+                        '[server]\nmax_body_kb = 16\n')
 
 
 @pytest.fixture

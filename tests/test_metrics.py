@@ -11,6 +11,7 @@ from appliance.app_keys import METRICS_PORT
 from appliance.config import load_config
 from appliance.wechat.envelope import Account
 from appliance.wechat.sim import Platform, text_message
+from tests.conftest import write_config
 
 TOKEN = "metrics-token"
 KEY = base64.b64encode(bytes(range(50, 82))).decode().rstrip("=")
@@ -21,10 +22,8 @@ APP_ID = "wx-metrics"
 async def client(aiohttp_client, tiny_fp32, tmp_path, monkeypatch):
     monkeypatch.setenv("R1BOX_WECHAT_TOKEN", TOKEN)
     monkeypatch.setenv("R1BOX_WECHAT_ENCODING_AES_KEY", KEY)
-    path = tmp_path / "r1box.toml"
-    path.write_text(f'[model]\nartifact = "{tiny_fp32}"\nthreads = 1\n[engine]\nmax_length = 256\nthink_budget = 4\n'
-                    f'[wechat]\napp_id = "{APP_ID}"\n[dialog]\nmax_tokens = 8\n'
-                    f'[metrics]\nport = 0\n[store]\npath = "{tmp_path / "r1box.db"}"\n')
+    path = write_config(tmp_path, tiny_fp32, f'[engine]\nmax_length = 256\nthink_budget = 4\n'
+                        f'[wechat]\napp_id = "{APP_ID}"\n[dialog]\nmax_tokens = 8\n')
     return await aiohttp_client(create_app(load_config(path)))
 
 

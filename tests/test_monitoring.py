@@ -11,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.metrics import GpuCollector
+from tests.conftest import write_config
 
 MONITORING = Path(__file__).parent.parent / "appliance" / "monitoring"
 PROMQL_WORDS = {"sum", "by", "rate", "increase", "histogram_quantile", "clamp_min", "avg", "max", "le", "instance",
@@ -98,11 +99,9 @@ def client_with_conversation(aiohttp_client, tiny_fp32, tmp_path, monkeypatch):
     monkeypatch.setenv("R1BOX_WECHAT_TOKEN", "t")
     monkeypatch.setenv("R1BOX_WECHAT_ENCODING_AES_KEY", key)
     monkeypatch.setenv("R1BOX_WECHAT_APP_SECRET", "s")
-    path = tmp_path / "r1box.toml"
-    path.write_text(f'[model]\nartifact = "{tiny_fp32}"\nthreads = 1\n[engine]\nmax_length = 256\n'
-                    '[wechat]\napp_id = "wx-mon"\nmode = "plain"\ndelivery = "push"\napi_base_url = "http://127.0.0.1:9"\n'
-                    '[dialog]\nmax_tokens = 4\n'
-                    f'[metrics]\nport = 0\n[store]\npath = "{tmp_path / "r1box.db"}"\n')
+    path = write_config(tmp_path, tiny_fp32, '[engine]\nmax_length = 256\n'
+                        '[wechat]\napp_id = "wx-mon"\nmode = "plain"\ndelivery = "push"\napi_base_url = "http://127.0.0.1:9"\n'
+                        '[dialog]\nmax_tokens = 4\n')
 
     async def run() -> set[str]:
         client = await aiohttp_client(create_app(load_config(path)))

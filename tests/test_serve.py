@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from tests.conftest import write_config
 
 
 def _free_port() -> int:
@@ -20,11 +21,10 @@ def _free_port() -> int:
 
 def test_serve_answers_wechat_sim_and_stops_on_sigterm(tiny_fp32, tmp_path):
     port = _free_port()
-    config = tmp_path / "r1box.toml"
-    config.write_text(f'[model]\nartifact = "{tiny_fp32}"\nthreads = 1\n[engine]\nmax_batch = 2\nmax_length = 256\n'
-                      'think_budget = 4\n[wechat]\napp_id = "wx-serve-test"\nmode = "compat"\n'
-                      '[wecom]\ncorp_id = "ww-serve"\n[dialog]\nmax_tokens = 8\n'
-                      f'[metrics]\nport = 0\n[store]\npath = "{tmp_path / "r1box.db"}"\n[server]\nport = {port}\n')
+    config = write_config(tmp_path, tiny_fp32, '[engine]\nmax_batch = 2\nmax_length = 256\n'
+                          'think_budget = 4\n[wechat]\napp_id = "wx-serve-test"\nmode = "compat"\n'
+                          '[wecom]\ncorp_id = "ww-serve"\n[dialog]\nmax_tokens = 8\n'
+                          f'[server]\nport = {port}\n')
     key = base64.b64encode(bytes(32)).decode().rstrip("=")
     env = dict(os.environ, R1BOX_WECHAT_TOKEN="serve-token", R1BOX_WECHAT_ENCODING_AES_KEY=key,
                R1BOX_WECOM_TOKEN="serve-token", R1BOX_WECOM_ENCODING_AES_KEY=key)

@@ -13,6 +13,7 @@ from appliance.app_keys import CHAT, STORE, WECHAT
 from appliance.config import load_config
 from appliance.wechat.envelope import Account, reply_xml, sha1_signature, split_utf8
 from appliance.wechat.sim import Platform, event_message, text_message
+from tests.conftest import write_config
 
 TOKEN = "AAAAA"
 KEY = base64.b64encode(bytes(range(32))).decode().rstrip("=")
@@ -28,14 +29,12 @@ def config_file(tiny_fp32, tmp_path, monkeypatch):
     monkeypatch.setenv("R1BOX_WECHAT_PREVIOUS_ENCODING_AES_KEY", OLD_KEY)
     monkeypatch.setenv("R1BOX_WECOM_TOKEN", TOKEN)
     monkeypatch.setenv("R1BOX_WECOM_ENCODING_AES_KEY", KEY)
-    path = tmp_path / "r1box.toml"
     # a think budget of 4 makes the tiny random model close its think block and say something
-    path.write_text(f'[model]\nartifact = "{tiny_fp32}"\nthreads = 1\n'
-                    '[engine]\nmax_batch = 4\nmax_length = 256\nthink_budget = 4\n'
-                    f'[wechat]\napp_id = "{APP_ID}"\nmode = "compat"\ndeadline_s = 4.5\n'
-                    '[wecom]\ncorp_id = "ww0011223344"\nagent_id = "1000002"\n'
-                    '[dialog]\nmax_tokens = 12\n'
-                    f'[metrics]\nport = 0\n[store]\npath = "{tmp_path / "r1box.db"}"\n')
+    path = write_config(tmp_path, tiny_fp32,
+                        '[engine]\nmax_batch = 4\nmax_length = 256\nthink_budget = 4\n'
+                        f'[wechat]\napp_id = "{APP_ID}"\nmode = "compat"\ndeadline_s = 4.5\n'
+                        '[wecom]\ncorp_id = "ww0011223344"\nagent_id = "1000002"\n'
+                        '[dialog]\nmax_tokens = 12\n')
     return path
 
 

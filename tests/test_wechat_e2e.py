@@ -13,6 +13,7 @@ from appliance.app_keys import CHAT, WECHAT
 from appliance.config import load_config
 from appliance.wechat.envelope import Account
 from appliance.wechat.sim import Platform, text_message
+from tests.conftest import write_config
 
 pytestmark = pytest.mark.slow
 
@@ -34,11 +35,9 @@ def config(artifact, tmp_path, monkeypatch, api):
     monkeypatch.setenv("R1BOX_WECHAT_TOKEN", TOKEN)
     monkeypatch.setenv("R1BOX_WECHAT_ENCODING_AES_KEY", KEY)
     monkeypatch.setenv("R1BOX_WECHAT_APP_SECRET", "e2e-secret")
-    path = tmp_path / "r1box.toml"
-    path.write_text(f'[model]\nartifact = "{artifact}"\n[engine]\nmax_batch = 4\nmax_length = 1024\n'
-                    f'[wechat]\napp_id = "{APP_ID}"\ndelivery = "push"\n'
-                    f'api_base_url = "http://127.0.0.1:{api.server.port}"\n[dialog]\nmax_tokens = 48\n'
-                    f'[metrics]\nport = 0\n[store]\npath = "{tmp_path / "r1box.db"}"\n')
+    path = write_config(tmp_path, artifact, f'[engine]\nmax_batch = 4\nmax_length = 1024\n'
+                        f'[wechat]\napp_id = "{APP_ID}"\ndelivery = "push"\n'
+                        f'api_base_url = "http://127.0.0.1:{api.server.port}"\n[dialog]\nmax_tokens = 48\n', threads=None)
     return load_config(path)
 
 

@@ -14,6 +14,7 @@ from appliance.store import Store
 from appliance.wechat.envelope import Account
 from appliance.wechat.outbox import MORE, _enqueue
 from appliance.wechat.sim import Platform, text_message
+from tests.conftest import write_config
 
 TOKEN = "AAAAA"
 KEY = base64.b64encode(bytes(range(32))).decode().rstrip("=")
@@ -25,13 +26,11 @@ PLATFORM = Platform(Account("mp", APP_ID, TOKEN, KEY))
 def config_file(tiny_fp32, tmp_path, monkeypatch, api):
     monkeypatch.setenv("R1BOX_WECHAT_TOKEN", TOKEN)
     monkeypatch.setenv("R1BOX_WECHAT_APP_SECRET", "app-secret-for-tests")
-    path = tmp_path / "r1box.toml"
-    path.write_text(f'[model]\nartifact = "{tiny_fp32}"\nthreads = 1\n'
-                    '[engine]\nmax_batch = 4\nmax_length = 256\nthink_budget = 4\n'
-                    f'[wechat]\napp_id = "{APP_ID}"\nmode = "plain"\ndelivery = "push"\n'
-                    f'api_base_url = "http://127.0.0.1:{api.server.port}"\n'
-                    '[dialog]\nmax_tokens = 12\n'
-                    f'[metrics]\nport = 0\n[store]\npath = "{tmp_path / "r1box.db"}"\n')
+    path = write_config(tmp_path, tiny_fp32,
+                        '[engine]\nmax_batch = 4\nmax_length = 256\nthink_budget = 4\n'
+                        f'[wechat]\napp_id = "{APP_ID}"\nmode = "plain"\ndelivery = "push"\n'
+                        f'api_base_url = "http://127.0.0.1:{api.server.port}"\n'
+                        '[dialog]\nmax_tokens = 12\n')
     return path
 
 
@@ -214,11 +213,9 @@ async def test_wecom_late_answers_are_pushed_with_the_agent_id(aiohttp_client, t
     monkeypatch.setenv("R1BOX_WECOM_TOKEN", TOKEN)
     monkeypatch.setenv("R1BOX_WECOM_ENCODING_AES_KEY", KEY)
     monkeypatch.setenv("R1BOX_WECOM_CORP_SECRET", "corp-secret")
-    path = tmp_path / "wecom.toml"
-    path.write_text(f'[model]\nartifact = "{tiny_fp32}"\nthreads = 1\n[engine]\nmax_length = 256\nthink_budget = 4\n'
-                    '[wecom]\ncorp_id = "ww-push"\nagent_id = "1000002"\n'
-                    f'api_base_url = "http://127.0.0.1:{api.server.port}"\n[dialog]\nmax_tokens = 12\n'
-                    f'[metrics]\nport = 0\n[store]\npath = "{tmp_path / "r1box.db"}"\n')
+    path = write_config(tmp_path, tiny_fp32, f'[engine]\nmax_length = 256\nthink_budget = 4\n'
+                        '[wecom]\ncorp_id = "ww-push"\nagent_id = "1000002"\n'
+                        f'api_base_url = "http://127.0.0.1:{api.server.port}"\n[dialog]\nmax_tokens = 12\n')
     client = await aiohttp_client(create_app(load_config(path)))
     client.app[WECHAT].deadline_s = 0.0
     wecom = Platform(Account("wecom", "ww-push", TOKEN, KEY))
