@@ -24,6 +24,7 @@ class ModelConfig:
     name: str = "qwen2.5-coder-0.5b-instruct"
     provider: str = "auto"  # auto, cpu or cuda
     threads: int = 0  # 0: every core this process may use
+    huge_pages: bool = True  # back the weights with transparent huge pages on the CPU (appliance/hugepages.py)
 
     def __post_init__(self):
         if self.provider not in ("auto", "cpu", "cuda"):

@@ -3,7 +3,8 @@
 Each pass of the worker loop:
   1. drops cancelled sequences and admits waiting ones into free cache slots, copying a cached prefix in if one
      matches (their prompt then needs only its new tokens prefilled);
-  2. prefills one chunk of one sequence, so a long prompt never stalls the running streams for long;
+  2. prefills at most one chunk's worth of prompt tokens (of one long prompt, or of several short ones), so a
+     long prompt never stalls the running streams for long;
   3. decodes one token for every running sequence in a single batched run over their slots;
   4. samples, streams each token to its caller, and retires finished sequences (their KV goes to the prefix cache).
 Callers live on the asyncio loop; tokens cross over with call_soon_threadsafe. onnxruntime releases the GIL while it
@@ -35,7 +36,7 @@ class EngineConfig:
     max_batch: int = 8  # running sequences = cache slots
     max_waiting: int = 64  # beyond this a request is refused as busy
     max_length: int = 4096  # prompt + answer, per sequence
-    prefill_chunk: int = 256  # prompt tokens per step while others decode
+    prefill_chunk: int = 256  # prompt tokens per pass, between two decode steps of the running streams
     prefix_cache_mb: int = 256
     think_budget: int = 1024  # reasoning tokens before </think> is forced; 0: no limit
 
@@ -206,13 +207,16 @@ class Engine:
             self._running.append(seq)
 
     def _step(self, running: list[_Sequence]) -> None:
-        # 1. one prefill chunk, oldest prompt first
-        prefilling = [s for s in running if s.prefilled < len(s.context) and not s.cancelled]
-        if prefilling:
-            seq = prefilling[0]
-            chunk = seq.context[seq.prefilled:seq.prefilled + self.config.prefill_chunk]
+        # 1. prefill up to prefill_chunk prompt tokens, oldest prompt first: a long prompt goes in chunks, several
+        #    short ones in one pass (a burst of new conversations does not cost a decode step each)
+        budget = self.config.prefill_chunk
+        for seq in [s for s in running if s.prefilled < len(s.context) and not s.cancelled]:
+            if budget <= 0:
+                break
+            chunk = seq.context[seq.prefilled:seq.prefilled + budget]
             logits = self.decoder.prefill(self.cache, seq.slot, chunk)
             seq.prefilled += len(chunk)
+            budget -= len(chunk)
             self.counters["prefilled_tokens"] += len(chunk)
             if seq.prefilled == len(seq.context):
                 self._accept(seq, logits)

@@ -25,5 +25,4 @@ def generate(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, stop_
         if token in stop_ids:
             return
         # 3. decode: one token appended in place to the slot's cache
-        logits = decoder.step(cache, 0, np.array([[token]]), cache.lengths[:1] + 1)[0]
-        cache.lengths[0] += 1
+        logits = decoder.decode(cache, 0, token)

@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from appliance.errors import ArtifactError
+from appliance.hugepages import collapse_anonymous_memory
 from appliance.kv_cache import KvCache
 from appliance.manifest import Manifest
 
@@ -41,7 +42,7 @@ def pick_provider(wanted: str = "auto") -> str:
 
 
 class Decoder:
-    def __init__(self, manifest: Manifest, threads: int | None = None, provider: str = "cpu"):
+    def __init__(self, manifest: Manifest, threads: int | None = None, provider: str = "cpu", huge_pages: bool = True):
         if manifest.kv.kind != "gqa-shared":
             raise ArtifactError(f"{manifest.directory}: KV layout {manifest.kv.kind!r} is not the shared-buffer "
                                 "layout this runtime drives. Export the model again with this version of r1box.")
@@ -65,6 +66,8 @@ class Decoder:
                                 "Export the model again with this version of r1box.") from None
         self.provider = provider
         self.device = "cuda" if provider == "cuda" else "cpu"
+        if huge_pages and provider == "cpu":
+            collapse_anonymous_memory()  # the weights are in place now; the KV cache comes later and stays small
 
     def new_cache(self, slots: int, max_length: int) -> KvCache:
         max_length = min(max_length, self.manifest.arch["context"])
@@ -111,14 +114,19 @@ class Decoder:
             cache.lengths[slot] = length
         return logits[0]
 
+    def decode(self, cache: KvCache, slot: int, token: int) -> np.ndarray:
+        """One sequence's decode step: append the token it just chose; the logits for the next one [vocab]."""
+        return self.prefill(cache, slot, [token])
 
-def open_decoder(manifest: Manifest, provider: str = "auto", threads: int | None = None) -> tuple[Decoder, str | None]:
+
+def open_decoder(manifest: Manifest, provider: str = "auto", threads: int | None = None,
+                 huge_pages: bool = True) -> tuple[Decoder, str | None]:
     """The decoder on the wanted provider; if CUDA will not start, the CPU one and the reason it had to be."""
     chosen = pick_provider(provider)
     try:
-        return Decoder(manifest, threads, chosen), None
+        return Decoder(manifest, threads, chosen, huge_pages), None
     except ArtifactError as e:
         if chosen == "cpu":
             raise
         log.error("the CUDA provider did not start (%s); serving on the CPU instead", e)
-        return Decoder(manifest, threads, "cpu"), f"CUDA did not start: {e}"[:300]
+        return Decoder(manifest, threads, "cpu", huge_pages), f"CUDA did not start: {e}"[:300]

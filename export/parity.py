@@ -61,8 +61,7 @@ def parity_report(refs: list[Reference], decoder: Decoder) -> dict:
         cache.lengths[0] = 0
         got = [decoder.prefill(cache, 0, ref.prompt_ids)]
         for token in ref.continuation[:-1]:
-            got.append(decoder.step(cache, 0, np.array([[token]]), cache.lengths[:1] + 1)[0])
-            cache.lengths[0] += 1
+            got.append(decoder.decode(cache, 0, token))
         got = np.stack(got)
         cases.append({
             "prompt": ref.prompt,
