@@ -15,7 +15,7 @@ def test_migrations_apply_once_in_order(tmp_path):
     assert db["inbound"].columns_dict == {
         "id": int, "account": str, "dedup_key": str, "user": str, "kind": str, "content": str, "created_at": int,
         "received_at": float, "status": str, "answer": str, "answered_at": float, "delivery": str,
-        "delivered_at": float}
+        "delivered_at": float, "user_sealed": bytes, "key_id": int}
     assert db["audit_log"].columns_dict == {"id": int, "user_id": str, "operation": str, "timestamp": float,
                                             "ip_address": str, "details": str}
     assert {"turns", "outbox", "tokens"} <= set(db.table_names())
