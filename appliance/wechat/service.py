@@ -92,9 +92,9 @@ class WeChatService:
             self.counters["duplicates"] += 1
             return await self._retry(message, started)
         if message.kind == "event:unsubscribe":  # the platform requires the user's data to go
-            await self.dialog.forget(message.account, message.user)
             user_hash = self.store.vault.user_hash(message.account, message.user)
             await self.store.run(purge_user, message.account, user_hash, user_hash, "unsubscribe", message.dedup_key)
+            await self.dialog.forget(message.account, message.user)
             return None
         if message.kind.startswith("event:"):
             reply = self._event_reply(message)
