@@ -14,6 +14,7 @@ import logging
 import time
 
 from appliance import audit
+from appliance.transaction import transaction
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ DAY_S = 86400
 def purge_expired(db, conversation_days: int, audit_days: int, actor: str, now: float | None = None) -> dict:
     now = time.time() if now is None else now
     before, audit_before = now - conversation_days * DAY_S, now - audit_days * DAY_S
-    with db.conn:
+    with transaction(db):
         counts = {
             "inbound": db.execute("DELETE FROM inbound WHERE received_at < ? AND kind NOT LIKE 'event:%'",
                                   [before]).rowcount,
@@ -45,7 +46,7 @@ def purge_expired(db, conversation_days: int, audit_days: int, actor: str, now: 
 def purge_user(db, account: str, user_hash: str, actor: str, reason: str, keep_key: str | None = None) -> dict:
     """Everything stored of one user goes; `keep_key` (the unsubscribe event itself) stays as a content-free row.
     Their audit entries stay: the audit log is the operator's record and names them only by the keyed hash."""
-    with db.conn:
+    with transaction(db):
         counts = {
             "inbound": db.execute("DELETE FROM inbound WHERE account = ? AND user = ? AND dedup_key IS NOT ?",
                                   [account, user_hash, keep_key]).rowcount,

@@ -12,6 +12,7 @@ import logging
 
 from appliance import audit
 from appliance.errors import UnreadableValue
+from appliance.transaction import transaction
 from appliance.vault import Vault, record_keys
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def rotate(db, vault: Vault, actor: str, batch: int = BATCH) -> dict:
     new = vault.keyring.add_key()
     record_keys(db, vault)
     counts = _reseal_all(db, vault, "key_id IS NULL OR key_id < ?", [new], batch)
-    with db.conn:
+    with transaction(db):
         audit.record(db, "keys_rotate", {"key_id": new, **counts}, actor)
     return {"key_id": new, **counts}
 
@@ -39,7 +40,7 @@ def seal_plaintext_rows(db, vault: Vault) -> dict:
     """Rows from before encryption: users hashed, contents and OpenIDs sealed. Audited when there were any."""
     counts = _reseal_all(db, vault, "key_id IS NULL", [], BATCH)
     if any(counts.values()):
-        with db.conn:
+        with transaction(db):
             audit.record(db, "seal_plaintext_rows", counts, "system")
         log.info("sealed rows written before encryption", extra=counts)
     return counts
@@ -50,9 +51,8 @@ def _reseal_all(db, vault: Vault, where: str, params: list, batch: int) -> dict:
     for table in SEALED:
         after = 0
         while True:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                rows = [dict(r) for r in _rows(db, table, where, params, after, batch)]
+            with transaction(db, immediate=True):
+                rows = list(_rows(db, table, where, params, after, batch))
                 for row in rows:
                     try:
                         update = _resealed(vault, table, row)
@@ -63,10 +63,6 @@ def _reseal_all(db, vault: Vault, where: str, params: list, batch: int) -> dict:
                     assignments = ", ".join(f"{column} = ?" for column in update)
                     db.execute(f"UPDATE {table} SET {assignments} WHERE id = ?", [*update.values(), row["id"]])
                     counts["resealed"] += 1
-                db.conn.commit()
-            except BaseException:
-                db.conn.rollback()
-                raise
             if len(rows) < batch:
                 break
             after = rows[-1]["id"]

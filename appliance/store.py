@@ -22,6 +22,7 @@ import sqlite_utils
 
 from appliance.errors import R1boxError
 from appliance.rotation import seal_plaintext_rows
+from appliance.transaction import transaction
 from appliance.vault import Vault, open_vault
 
 
@@ -114,7 +115,7 @@ def migrate(db: sqlite_utils.Database) -> list[str]:
     for name, step in MIGRATIONS:
         if name in done:
             continue
-        with db.conn:
+        with transaction(db):
             step(db)
             db["_migrations"].insert({"name": name, "applied_at": time.time()})
         applied.append(name)

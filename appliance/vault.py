@@ -28,6 +28,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from appliance.errors import UnreadableValue, VaultError
+from appliance.transaction import transaction
 
 FORMAT = "r1box-keyring-1"
 VERSION = b"\x01"
@@ -209,7 +210,7 @@ def open_vault(db, path: Path) -> Vault:
 
 def record_keys(db, vault: Vault) -> None:
     """A check value per key the file holds, so a later start can tell a wrong key file from damaged rows."""
-    with db.conn:
+    with transaction(db):
         db.execute("INSERT OR IGNORE INTO vault_keys (key_id, probe, created_at) VALUES (?, ?, ?)",
                    [HASH_KEY_ID, _hash_probe(vault.keyring), time.time()])
         for kid, key in vault.keyring.keys.items():

@@ -67,6 +67,18 @@ def test_expired_rows_go_events_stay_and_one_audit_row_counts_them(store):
     assert store.call(purge_expired, 30, 180, "system")["audit_log"] == 0  # the 179-day row stays
 
 
+def test_purge_now_from_the_command_line(store, tmp_path, capsys):
+    store.call(_remember, store.vault, APP_ID, "u", "问", "答")
+    _age(store, "turns", "created_at", 3)
+    config = tmp_path / "r1box.toml"
+    config.write_text(f'[store]\npath = "{tmp_path / "r1box.db"}"\nconversation_days = 2\n')
+    assert main(["purge", "--config", str(config)]) == 0  # beside the open store
+    assert json.loads(capsys.readouterr().out)["turns"] == 2
+    assert [r["turns"] for r in _audit(store, "retention")] == [2]
+    actor = store.call(lambda db: db.execute("SELECT user_id FROM audit_log").fetchone()[0])
+    assert actor.startswith("cli:")
+
+
 def test_the_audit_log_refuses_changes_outside_retention(store):
     import sqlite3
 

@@ -19,6 +19,7 @@ from appliance.dialog.wechat_text import plain_text
 from appliance.engine import Finish
 from appliance.errors import UnreadableValue
 from appliance.store import Store
+from appliance.transaction import transaction
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def _recent_turns(db, vault, account: str, user: str, since: float, limit: int) 
 
 def _remember(db, vault, account: str, user: str, question: str, answer: str) -> None:
     now, user_hash = time.time(), vault.user_hash(account, user)
-    with db.conn:
+    with transaction(db):
         for role, content in (("user", question), ("assistant", answer)):
             # the row's id is its content's context, so the content is sealed once the row has one
             row_id = db.execute("INSERT INTO turns (account, user, role, content, created_at, key_id) "

@@ -26,6 +26,7 @@ from collections import Counter, deque
 
 from appliance.errors import UnreadableValue
 from appliance.store import Store
+from appliance.transaction import transaction
 from appliance.wechat.client import ApiError, Credentials, TokenManager
 from appliance.wechat.envelope import split_utf8
 
@@ -145,7 +146,7 @@ def _enqueue(db, vault, account: str, user: str, key: str, text: str, now: float
         send, rest = ([p for p in fit[:room - 1]] + [fit[room - 1] + MORE], "".join(fit[room:])) if room else ([], text)
     else:
         send, rest = pieces, ""
-    with db.conn:
+    with transaction(db):
         for piece in send:  # the row's id is its values' context, so they are sealed once it has one
             row_id = db.execute("INSERT INTO outbox (account, user, inbound_key, content, created_at, attempts, "
                                 "next_attempt_at, status) VALUES (?, ?, ?, '', ?, 0, ?, 'pending')",
@@ -167,7 +168,7 @@ def _next_due(db, vault, now: float) -> dict | None:
                     "content": vault.unseal(row["content"], "outbox", "content", row["id"])}
         except UnreadableValue as e:
             log.error("%s", e)
-            with db.conn:
+            with transaction(db):
                 db.execute("UPDATE outbox SET status = 'unreadable', last_error = ? WHERE id = ?",
                            [str(e)[:300], row["id"]])
     return None
@@ -179,7 +180,7 @@ def _seconds_to_next(db, now: float) -> float | None:
 
 
 def _sent(db, row_id: int, now: float) -> None:
-    with db.conn:
+    with transaction(db):
         db.execute("UPDATE outbox SET status = 'sent', sent_at = ?, attempts = attempts + 1 WHERE id = ?",
                    [now, row_id])
         db.execute("UPDATE inbound SET status = 'delivered', delivered_at = ? WHERE dedup_key = "
@@ -187,7 +188,7 @@ def _sent(db, row_id: int, now: float) -> None:
 
 
 def _retry_later(db, row_id: int, error: str, at: float, attempt: int = 1) -> None:
-    with db.conn:
+    with transaction(db):
         db.execute("UPDATE outbox SET attempts = attempts + ?, next_attempt_at = ?, last_error = ? WHERE id = ?",
                    [attempt, at, error[:300], row_id])
 
@@ -203,7 +204,7 @@ def _member_wait(db, account: str, user: str, now: float) -> float:
 
 def _back_to_pull(db, vault, row_id: int, error: str) -> None:
     """The platform will not take it: the answer waits for the user's next message instead."""
-    with db.conn:
+    with transaction(db):
         key = db["outbox"].get(row_id)["inbound_key"]
         db.execute("UPDATE outbox SET status = 'pull', last_error = ?, attempts = attempts + 1 WHERE id = ?",
                    [error[:300], row_id])
