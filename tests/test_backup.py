@@ -72,7 +72,8 @@ def test_a_restore_onto_an_empty_place_needs_no_force(setup, tmp_path, capsys):
     before = _dump(service)
     service.close()
     other = tmp_path / "other.toml"
-    other.write_text(f'[store]\npath = "{tmp_path / "new" / "r1box.db"}"\nkey_file = "{tmp_path / "data" / "r1box.keys"}"\n')
+    other.write_text(f'[store]\npath = "{tmp_path / "new" / "r1box.db"}"\n'
+                     f'key_file = "{tmp_path / "data" / "r1box.keys"}"\n')
     capsys.readouterr()
     assert main(["restore", "--config", str(other), str(backup)]) == 0
     restored = Store(tmp_path / "new" / "r1box.db", tmp_path / "data" / "r1box.keys")

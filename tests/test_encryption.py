@@ -119,8 +119,8 @@ def test_an_altered_or_moved_value_fails_for_its_row_only(tmp_path):
     assert "turns.content of row 3 fails its authentication check" in turns[2]["error"]
     assert "row 5" in turns[4]["error"] and "error" not in turns[5]
     # the dialog goes on without them
-    assert [t["content"] for t in store.call(_recent_turns, vault, "a", "u", 0, 10)] == ["问题0", "回答0", "回答1",
-                                                                                        "回答2"]
+    remembered = store.call(_recent_turns, vault, "a", "u", 0, 10)
+    assert [t["content"] for t in remembered] == ["问题0", "回答0", "回答1", "回答2"]
     with pytest.raises(UnreadableValue, match="not a sealed value"):
         vault.unseal("plain text", "turns", "content", 1)
     store.close()

@@ -107,6 +107,8 @@ def test_purge_user_takes_everything_of_one_user_and_nothing_else(tmp_path, caps
     assert main(["purge-user", "--config", str(config), "' OR '1'='1"]) == 0  # a name, not SQL: nothing matches
     assert json.loads(capsys.readouterr().out) | {"user": ""} == {"user": "", "inbound": 0, "turns": 0,
                                                                   "outbox": 0}
+    assert main(["purge-user", "--config", str(config), "--account", f"{APP_ID}' OR 1=1 --", "leaving"]) == 0
+    assert json.loads(capsys.readouterr().out)["turns"] == 0
     assert main(["purge-user", "--config", str(config), "leaving"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result | {"user": ""} == {"user": "", "inbound": 1, "turns": 2, "outbox": 1}
@@ -116,7 +118,7 @@ def test_purge_user_takes_everything_of_one_user_and_nothing_else(tmp_path, caps
                                     for r in db.execute(f"SELECT user FROM {t}")})
     assert hashes == {store.vault.user_hash(APP_ID, "staying")}
     rows = _audit(store, "purge_user")
-    assert len(rows) == 2 and rows[1]["user"] == result["user"] and rows[1]["reason"] == "request"
+    assert len(rows) == 3 and rows[2]["user"] == result["user"] and rows[2]["reason"] == "request"
     actor = store.call(lambda db: db.execute("SELECT user_id FROM audit_log ORDER BY id DESC").fetchone()[0])
     assert actor.startswith("cli:")
     store.close()

@@ -137,8 +137,9 @@ def _enqueue(db, vault, account: str, user: str, key: str, text: str, now: float
     user_hash = vault.user_hash(account, user)
     last_inbound = db.execute("SELECT max(received_at) FROM inbound WHERE account = ? AND user = ?",
                               [account, user_hash]).fetchone()[0] or now
+    since = max(last_inbound, now - QUOTA_WINDOW_S)
     used = db.execute("SELECT count(*) FROM outbox WHERE account = ? AND user = ? AND status IN ('pending', 'sent') "
-                      "AND created_at >= ?", [account, user_hash, max(last_inbound, now - QUOTA_WINDOW_S)]).fetchone()[0]
+                      "AND created_at >= ?", [account, user_hash, since]).fetchone()[0]
     room = max(USER_QUOTA - used, 0)
     pieces = split_utf8(text, 2048)
     if len(pieces) > room:  # the last message that fits says there is more; the rest is pulled later
