@@ -95,7 +95,13 @@ def decrypt_file(src: Path, dst, keyring: Keyring) -> None:
 
 def backup(store, out: Path, actor: str) -> dict:
     """Copy the open store's database into `out`, encrypted; one audit row in the live database."""
-    out = Path(out)
+    try:
+        return _backup(store, Path(out), actor)
+    except OSError as e:
+        raise StoreError(f"{e.filename or out}: cannot write the backup ({e.strerror}); nothing was kept.") from None
+
+
+def _backup(store, out: Path, actor: str) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".r1box-backup-", dir=out.parent))  # 0700: the plain copy is private
     try:
@@ -126,7 +132,13 @@ def backup(store, out: Path, actor: str) -> dict:
 
 def restore(src: Path, path: Path, key_file: Path, actor: str, force: bool = False) -> dict:
     """Put the backup `src` in place as the database `path`, after checking it whole; one audit row in it."""
-    src, path = Path(src), Path(path)
+    try:
+        return _restore(Path(src), Path(path), key_file, actor, force)
+    except OSError as e:
+        raise StoreError(f"{e.filename or src}: {e.strerror}; the database was left as it was.") from None
+
+
+def _restore(src: Path, path: Path, key_file: Path, actor: str, force: bool) -> dict:
     keyring = Keyring.load(key_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = os.open(lock_file(path), os.O_RDWR | os.O_CREAT, 0o600)

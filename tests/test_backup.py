@@ -120,6 +120,8 @@ def test_a_backup_needs_its_key_file(setup, tmp_path, capsys):
     capsys.readouterr()
     assert main(["restore", "--config", str(stranger), str(backup)]) == 8
     assert "fails its authentication" in capsys.readouterr().err
+    assert main(["restore", "--config", str(config), str(tmp_path / "nowhere.backup"), "--force"]) == 7
+    assert "nowhere.backup: No such file or directory" in capsys.readouterr().err
     missing = tmp_path / "missing.toml"
     missing.write_text(f'[store]\npath = "{tmp_path / "m" / "r1box.db"}"\n')
     assert main(["restore", "--config", str(missing), str(backup)]) == 8
