@@ -1,10 +1,11 @@
 """The box's one SQLite database: WAL, opened through sqlite-utils, migrations as an append-only list.
 
 Every call runs on the store's own thread (sqlite connections belong to the thread that made them, and a write
-must never block the event loop): `await store.run(fn, *args)` runs `fn(db, *args)` there, all or nothing: a call
-that fails (a full disk) leaves no half-written change behind. An integrity check runs at start; a damaged file is
-refused with a clear error, never silently reset. Contents and user identities are sealed by the store's vault
-(appliance/vault.py), whose key file lives apart from the database.
+must never block the event loop): `await store.run(fn, *args)` runs `fn(db, *args)` there. An act of several
+statements runs in one transaction (appliance/transaction.py), so a failure (a full disk) leaves nothing of it
+behind, and the error says so. An integrity check runs at start; a damaged file is refused with a clear error,
+never silently reset. Contents and user identities are sealed by the store's vault (appliance/vault.py), whose key
+file lives apart from the database.
 """
 
 from __future__ import annotations
