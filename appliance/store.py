@@ -175,7 +175,9 @@ class Store:
         self._executor.submit(self._open).result()
 
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.path.exists():  # SQLite gives the -wal and -shm files the database file's mode
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         self._lock_fd = hold_shared(self.path)
         try:
             self._db = open_database(self.path)

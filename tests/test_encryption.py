@@ -72,10 +72,12 @@ def _store(path, key_file=None) -> Store:
     return store
 
 
-def test_a_new_database_gets_a_private_key_file(tmp_path):
+def test_a_new_database_and_its_key_file_are_private(tmp_path):
     store = _store(tmp_path / "r1box.db")
+    store.call(_remember, store.vault, "a", "u", "问", "答")
+    for name in ("r1box.keys", "r1box.db", "r1box.db-wal"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
     store.close()
-    assert (tmp_path / "r1box.keys").stat().st_mode & 0o777 == 0o600
 
 
 def test_a_missing_wrong_or_open_key_file_is_refused_with_its_name(tmp_path):
