@@ -22,6 +22,7 @@ from appliance.logs import request_id_middleware
 from appliance.manifest import load_manifest
 from appliance.metrics import EngineCollector, GpuCollector, Metrics, WeChatCollector
 from appliance.model import Decoder, open_decoder
+from appliance.retention import run_forever as run_retention
 from appliance.store import Store
 from appliance.tokenizer import ChatTokenizer
 from appliance.wechat.callback import Callbacks
@@ -63,10 +64,15 @@ def open_chat(model: ModelConfig, engine_config: EngineConfig, metrics: Metrics 
 
 
 async def _store_ctx(app: web.Application):
-    store = Store(app[CONFIG].store.file)
+    config = app[CONFIG].store
+    store = Store(config.file, config.keys)
     await asyncio.get_running_loop().run_in_executor(None, store.open)
     app[STORE] = store
+    retention = asyncio.create_task(run_retention(store, config.conversation_days, config.audit_days,
+                                                  config.retention_interval_h))
     yield
+    retention.cancel()
+    await asyncio.gather(retention, return_exceptions=True)
     await asyncio.get_running_loop().run_in_executor(None, store.close)
 
 

@@ -1,19 +1,19 @@
 """The audit log: one row per act that someone may later have to account for (administrative acts, logins,
 configuration changes, exports, purges, and sensitive-word hits). The application only ever inserts; rows leave
-only by retention."""
+only by retention (SQLite triggers refuse any other UPDATE or DELETE, see appliance/store.py). WeChat users appear
+under their keyed hash (Vault.user_hash), the same stand-in the conversation tables use."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 
 
 def record(db, operation: str, details: dict, user_id: str | None = None, ip_address: str | None = None) -> None:
-    db["audit_log"].insert({"user_id": user_id, "operation": operation, "timestamp": time.time(),
-                            "ip_address": ip_address, "details": json.dumps(details, ensure_ascii=False)})
+    """One row; inside a caller's transaction it commits (or rolls back) with the act it records."""
+    inside = db.conn.in_transaction
+    db.execute("INSERT INTO audit_log (user_id, operation, timestamp, ip_address, details) VALUES (?, ?, ?, ?, ?)",
+               [user_id, operation, time.time(), ip_address, json.dumps(details, ensure_ascii=False)])
+    if not inside:
+        db.conn.commit()
 
-
-def pseudonym(account: str, user: str) -> str:
-    """A stable stand-in for a WeChat user in the audit log: it links a user's entries without naming them."""
-    return "u-" + hashlib.sha256(f"{account}\0{user}".encode()).hexdigest()[:16]

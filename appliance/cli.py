@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from appliance import store_commands
 from appliance.errors import R1boxError
 
 EXPORT_EXTRA = "this command needs the export stage: pip install 'r1box[export]'"
@@ -259,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=0, help="deliver the same message again N times, 5 s apart, as "
                    "the platform does when it gets no answer in time")
     p.set_defaults(func=cmd_wechat_sim)
+
+    store_commands.add_parsers(sub)
     return parser
 
 

@@ -115,12 +115,26 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     path: str = ""  # empty: $R1BOX_DATA/r1box.db, else ~/.local/share/r1box/r1box.db
+    key_file: str = ""  # the encryption keys, apart from the database; empty: r1box.keys beside it
+    conversation_days: int = 30  # messages, answers and dialog turns are purged after this
+    audit_days: int = 180  # the audit log, after this
+    retention_interval_h: float = 24.0  # how often the service purges
+
+    def __post_init__(self):
+        if min(self.conversation_days, self.audit_days) < 1:
+            raise ValueError("conversation_days and audit_days must be at least 1")
+        if self.retention_interval_h <= 0:
+            raise ValueError("retention_interval_h must be positive")
 
     @property
     def file(self) -> Path:
         if self.path:
             return Path(self.path).expanduser()
         return Path(os.environ.get("R1BOX_DATA") or Path.home() / ".local/share/r1box") / "r1box.db"
+
+    @property
+    def keys(self) -> Path:
+        return Path(self.key_file).expanduser() if self.key_file else self.file.with_suffix(".keys")
 
 
 @dataclass(frozen=True)

@@ -49,3 +49,15 @@ class ConfigError(R1boxError):
     """The configuration file is missing, unreadable or has a wrong value; the message names the key."""
 
     exit_code = 6
+
+
+class VaultError(R1boxError):
+    """The encryption keys are missing, unreadable, readable by others or not this database's, or a backup fails
+    its authentication; the message names the file and what to do. The service refuses to start on it."""
+
+    exit_code = 8
+
+
+class UnreadableValue(VaultError):
+    """One sealed value fails its check (altered, moved to another row, or its key is gone): that row is reported
+    and skipped, the rest is served."""

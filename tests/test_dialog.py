@@ -39,7 +39,7 @@ async def test_memory_keeps_recent_turns_within_the_token_budget(chat, store):
     dialog = _dialog(chat, store, memory_turns=5)
     for i in range(4):
         await dialog.answer("a", "u", f"问题{i} " + "很长的问题" * 5)
-    history = await store.run(_recent_turns, "a", "u", 0, 10)
+    history = await store.run(_recent_turns, store.vault, "a", "u", 0, 10)
     assert len(history) == 8 and history[0]["role"] == "user"
     tokens = sum(len(chat.tokenizer.encode(t["content"])) for t in history)
     tight = _dialog(chat, store, memory_tokens=tokens - 1)  # one token too few: the oldest pair goes

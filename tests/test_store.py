@@ -5,6 +5,7 @@ import pytest
 import sqlite_utils
 
 from appliance.store import MIGRATIONS, Store, StoreError, migrate, open_database
+from appliance.transaction import transaction
 
 
 def test_migrations_apply_once_in_order(tmp_path):
@@ -15,7 +16,7 @@ def test_migrations_apply_once_in_order(tmp_path):
     assert db["inbound"].columns_dict == {
         "id": int, "account": str, "dedup_key": str, "user": str, "kind": str, "content": str, "created_at": int,
         "received_at": float, "status": str, "answer": str, "answered_at": float, "delivery": str,
-        "delivered_at": float}
+        "delivered_at": float, "user_sealed": bytes, "key_id": int}
     assert db["audit_log"].columns_dict == {"id": int, "user_id": str, "operation": str, "timestamp": float,
                                             "ip_address": str, "details": str}
     assert {"turns", "outbox", "tokens"} <= set(db.table_names())
@@ -47,4 +48,29 @@ async def test_calls_run_on_the_store_thread(tmp_path):
     store.open()
     names = await store.run(lambda db: threading.current_thread().name)
     assert names.startswith("r1box-store")
+    store.close()
+
+
+def test_sealed_columns_and_the_key_check_table(tmp_path):
+    db = open_database(tmp_path / "a.db")
+    assert {"user_sealed": bytes, "key_id": int}.items() <= db["outbox"].columns_dict.items()
+    assert db["turns"].columns_dict["key_id"] is int
+    assert db["vault_keys"].columns_dict == {"key_id": int, "probe": bytes, "created_at": float}
+    assert {"audit_log_no_update", "audit_log_no_delete"} <= {t.name for t in db.triggers}
+
+
+async def test_an_act_cut_short_by_a_full_disk_keeps_none_of_its_writes(tmp_path):
+    store = Store(tmp_path / "full.db")
+    store.open()
+
+    def two_writes(db):
+        with transaction(db):
+            db.execute("INSERT INTO tokens (app_id, token, expires_at) VALUES ('first', 't', 0)")
+            db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+            db.execute("INSERT INTO tokens (app_id, token, expires_at) VALUES ('second', ?, 0)", ["x" * 50000])
+
+    with pytest.raises(StoreError, match=f"{tmp_path / 'full.db'}: cannot write .*full.*Free disk space"):
+        await store.run(two_writes)
+    await store.run(lambda db: db.execute("PRAGMA max_page_count = 1073741823"))
+    assert await store.run(lambda db: db["tokens"].count) == 0
     store.close()

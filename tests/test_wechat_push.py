@@ -51,6 +51,7 @@ async def _until(condition, seconds=10.0):
 
 
 async def _inbound(client, user):
+    user = client.app[STORE].vault.user_hash(APP_ID, user)
     return await client.app[STORE].run(lambda db: list(db["inbound"].rows_where("user = ?", [user])))
 
 
@@ -63,7 +64,8 @@ async def test_late_answer_is_pushed_once(aiohttp_client, config_file, api):
     row = (await _inbound(client, "push-user"))[0]
     assert (row["status"], row["delivery"]) == ("delivered", "push")
     assert api.typing == [{"touser": "push-user", "command": "Typing"}]  # shown while the answer was made
-    assert api.sent[0]["text"]["content"] == row["answer"]
+    vault = client.app[STORE].vault
+    assert api.sent[0]["text"]["content"] == vault.unseal(row["answer"], "inbound", "answer", row["dedup_key"])
 
 
 async def _sent_to(api, user):
@@ -122,6 +124,7 @@ async def test_refusals_turn_into_pull(aiohttp_client, config_file, api, code, a
 
 
 async def _outbox_status(client, user, status):
+    user = client.app[STORE].vault.user_hash(APP_ID, user)
     rows = await client.app[STORE].run(lambda db: list(db["outbox"].rows_where("user = ?", [user])))
     return bool(rows) and all(r["status"] == status for r in rows)
 
@@ -136,15 +139,20 @@ async def test_the_user_quota_is_kept_and_the_rest_waits_for_a_pull(tmp_path):
     store.open()
     now = time.time()
     long_answer = "长" * (682 * 7)  # seven pieces of 2046 bytes
-    await store.run(lambda db: db["inbound"].insert({"account": "a", "dedup_key": "k", "user": "u", "kind": "text",
-                                                     "received_at": now, "status": "pushing"}))
-    await store.run(_enqueue, "a", "u", "k", long_answer, now)
-    rows = await store.run(lambda db: list(db["outbox"].rows_where("user = 'u'", order_by="id")))
-    assert len(rows) == 5 and rows[-1]["content"].endswith(MORE)
-    assert all(len(r["content"].encode()) <= 2048 for r in rows)
+    vault = store.vault
+    await store.run(lambda db: db["inbound"].insert({"account": "a", "dedup_key": "k", "user": vault.user_hash("a", "u"),
+                                                     "kind": "text", "received_at": now, "status": "pushing",
+                                                     "key_id": vault.current}))
+    await store.run(_enqueue, vault, "a", "u", "k", long_answer, now)
+    rows = await store.run(lambda db: list(db["outbox"].rows_where("user = ?", [vault.user_hash("a", "u")],
+                                                                   order_by="id")))
+    pieces = [vault.unseal(r["content"], "outbox", "content", r["id"]) for r in rows]
+    assert len(pieces) == 5 and pieces[-1].endswith(MORE)
+    assert all(len(p.encode()) <= 2048 for p in pieces)
     inbound = await store.run(lambda db: db["inbound"].get(1))
     assert inbound["status"] == "answered"
-    assert "".join(r["content"].removesuffix(MORE) for r in rows) + inbound["answer"] == long_answer
+    rest = vault.unseal(inbound["answer"], "inbound", "answer", "k")
+    assert "".join(p.removesuffix(MORE) for p in pieces) + rest == long_answer
     store.close()
 
 

@@ -2,11 +2,12 @@
 
 It keeps each user's recent turns in the store (bounded in number and age), answers a few commands itself (reset,
 help), filters what comes in and what goes out, and asks the model through the chat service with reasoning
-discarded: a WeChat user sees only the answer.
+discarded: a WeChat user sees only the answer. Turns are stored sealed, under the user's keyed hash.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
@@ -16,7 +17,11 @@ from appliance.chat import ChatService
 from appliance.dialog.filter import WordFilter
 from appliance.dialog.wechat_text import plain_text
 from appliance.engine import Finish
+from appliance.errors import UnreadableValue
 from appliance.store import Store
+from appliance.transaction import transaction
+
+log = logging.getLogger(__name__)
 
 RESET_COMMANDS = {"#reset", "/reset", "#清除记忆", "#重置", "清除记忆"}
 HELP_COMMANDS = {"#help", "/help", "#帮助", "帮助"}
@@ -72,7 +77,7 @@ class Dialog:
     async def answer(self, account: str, user: str, text: str) -> str:
         text, who = text.strip(), (account, user)
         if text.lower() in RESET_COMMANDS:
-            await self.store.run(_forget, account, user)
+            await self.store.run(_forget, self.store.vault, account, user)
             return self.config.reset_reply
         if text.lower() in SHOW_REASONING | HIDE_REASONING:
             (self.show_reasoning.add if text.lower() in SHOW_REASONING else self.show_reasoning.discard)(who)
@@ -86,7 +91,8 @@ class Dialog:
             await self._audit_hit(account, user, "in", hits)
             return self.config.blocked_reply
         since = time.time() - self.config.memory_minutes * 60
-        history = await self.store.run(_recent_turns, account, user, since, 2 * self.config.memory_turns)
+        history = await self.store.run(_recent_turns, self.store.vault, account, user, since,
+                                       2 * self.config.memory_turns)
         history = self._within_budget(history)
         system = self.system_prompts.get(account, self.config.system_prompt)
         messages = [{"role": "system", "content": system}] if system else []
@@ -105,16 +111,16 @@ class Dialog:
             answer = self.filter.mask(answer)
         if not answer:
             answer = "抱歉，我没能想出答案，请换个说法再问一次。"
-        await self.store.run(_remember, account, user, text, answer)
+        await self.store.run(_remember, self.store.vault, account, user, text, answer)
         return answer
 
     async def _audit_hit(self, account: str, user: str, direction: str, hits: list[str]) -> None:
         self.filter_hits[direction] += 1
         await self.store.run(audit.record, "filter_hit", {"direction": direction, "words": hits},
-                             audit.pseudonym(account, user))
+                             self.store.vault.user_hash(account, user))
 
     async def forget(self, account: str, user: str) -> None:
-        await self.store.run(_forget, account, user)
+        await self.store.run(_forget, self.store.vault, account, user)
         self.show_reasoning.discard((account, user))
 
     def _within_budget(self, history: list[dict]) -> list[dict]:
@@ -125,22 +131,31 @@ class Dialog:
         return history
 
 
-def _recent_turns(db, account: str, user: str, since: float, limit: int) -> list[dict]:
-    rows = db.execute("SELECT role, content FROM turns WHERE account = ? AND user = ? AND created_at >= ? "
-                      "ORDER BY id DESC LIMIT ?", [account, user, since, limit]).fetchall()
-    turns = [{"role": role, "content": content} for role, content in reversed(rows)]
+def _recent_turns(db, vault, account: str, user: str, since: float, limit: int) -> list[dict]:
+    rows = db.execute("SELECT id, role, content FROM turns WHERE account = ? AND user = ? AND created_at >= ? "
+                      "ORDER BY id DESC LIMIT ?", [account, vault.user_hash(account, user), since, limit]).fetchall()
+    turns = []
+    for row_id, role, sealed in reversed(rows):
+        try:
+            turns.append({"role": role, "content": vault.unseal(sealed, "turns", "content", row_id)})
+        except UnreadableValue as e:  # the conversation goes on without that turn
+            log.error("%s", e)
     while turns and turns[0]["role"] != "user":  # the window may have cut a pair in half
         turns.pop(0)
     return turns
 
 
-def _remember(db, account: str, user: str, question: str, answer: str) -> None:
-    now = time.time()
-    db["turns"].insert_all([{"account": account, "user": user, "role": "user", "content": question, "created_at": now},
-                            {"account": account, "user": user, "role": "assistant", "content": answer,
-                             "created_at": now}])
+def _remember(db, vault, account: str, user: str, question: str, answer: str) -> None:
+    now, user_hash = time.time(), vault.user_hash(account, user)
+    with transaction(db):
+        for role, content in (("user", question), ("assistant", answer)):
+            # the row's id is its content's context, so the content is sealed once the row has one
+            row_id = db.execute("INSERT INTO turns (account, user, role, content, created_at, key_id) "
+                                "VALUES (?, ?, ?, '', ?, ?)", [account, user_hash, role, now, vault.current]).lastrowid
+            db.execute("UPDATE turns SET content = ? WHERE id = ?",
+                       [vault.seal(content, "turns", "content", row_id), row_id])
 
 
-def _forget(db, account: str, user: str) -> None:
-    db.execute("DELETE FROM turns WHERE account = ? AND user = ?", [account, user])
+def _forget(db, vault, account: str, user: str) -> None:
+    db.execute("DELETE FROM turns WHERE account = ? AND user = ?", [account, vault.user_hash(account, user)])
     db.conn.commit()

@@ -12,6 +12,9 @@ platform's refusals to what can still be done:
     40164 IP not on the whitelist            → keep trying, and an alert that says what to do
     45009, 45011 rate limits, network errors → back off and retry
     WeCom: 30 messages a minute per member   → held until the minute has room (WeCom drops the excess silently)
+
+Rows carry the user's keyed hash for counting and the OpenID sealed for sending; contents are sealed. A row that
+cannot be opened (altered in the file) is set aside as 'unreadable' with its reason, and the loop goes on.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import logging
 import time
 from collections import Counter, deque
 
+from appliance.errors import UnreadableValue
 from appliance.store import Store
+from appliance.transaction import transaction
 from appliance.wechat.client import ApiError, Credentials, TokenManager
 from appliance.wechat.envelope import split_utf8
 
@@ -53,7 +58,7 @@ class Outbox:
 
     async def push(self, account: str, user: str, inbound_key: str, text: str) -> None:
         """Queue an answer; pieces beyond the user's remaining quota wait for their next message."""
-        await self.store.run(_enqueue, account, user, inbound_key, text, time.time())
+        await self.store.run(_enqueue, self.store.vault, account, user, inbound_key, text, time.time())
         self._wake.set()
 
     async def typing(self, account: str, user: str) -> None:
@@ -83,7 +88,7 @@ class Outbox:
         while True:
             count, oldest = await self.pending()
             self.pending_count, self.oldest_age_s = count, oldest or 0.0
-            row = await self.store.run(_next_due, time.time())
+            row = await self.store.run(_next_due, self.store.vault, time.time())
             if row is None:
                 self._wake.clear()
                 wait = await self.store.run(_seconds_to_next, time.time())
@@ -98,7 +103,7 @@ class Outbox:
     async def _send(self, row: dict) -> None:
         creds = self.credentials[row["account"]]
         if creds.kind == "wecom":
-            wait = await self.store.run(_member_wait, row["account"], row["user"], time.time())
+            wait = await self.store.run(_member_wait, row["account"], row["user_hash"], time.time())
             if wait > 0:  # WeCom would drop it without an error: hold it until the minute has room
                 await self.store.run(_retry_later, row["id"], "WeCom per-member minute cap", time.time() + wait, 0)
                 return
@@ -117,7 +122,7 @@ class Outbox:
                                     "message": ALERTS[e.code]})
                 log.error("WeChat refused a push (%s): %s", e.code, ALERTS[e.code])
             if e.code in TO_PULL:
-                await self.store.run(_back_to_pull, row["id"], str(e))
+                await self.store.run(_back_to_pull, self.store.vault, row["id"], str(e))
             else:
                 backoff = min(self.max_backoff_s, 2.0 ** min(row["attempts"] + 1, 16))
                 await self.store.run(_retry_later, row["id"], str(e), time.time() + backoff)
@@ -128,11 +133,13 @@ class Outbox:
 
 # ---- store functions, run on the store's thread ----
 
-def _enqueue(db, account: str, user: str, key: str, text: str, now: float) -> None:
+def _enqueue(db, vault, account: str, user: str, key: str, text: str, now: float) -> None:
+    user_hash = vault.user_hash(account, user)
     last_inbound = db.execute("SELECT max(received_at) FROM inbound WHERE account = ? AND user = ?",
-                              [account, user]).fetchone()[0] or now
+                              [account, user_hash]).fetchone()[0] or now
+    since = max(last_inbound, now - QUOTA_WINDOW_S)
     used = db.execute("SELECT count(*) FROM outbox WHERE account = ? AND user = ? AND status IN ('pending', 'sent') "
-                      "AND created_at >= ?", [account, user, max(last_inbound, now - QUOTA_WINDOW_S)]).fetchone()[0]
+                      "AND created_at >= ?", [account, user_hash, since]).fetchone()[0]
     room = max(USER_QUOTA - used, 0)
     pieces = split_utf8(text, 2048)
     if len(pieces) > room:  # the last message that fits says there is more; the rest is pulled later
@@ -140,19 +147,32 @@ def _enqueue(db, account: str, user: str, key: str, text: str, now: float) -> No
         send, rest = ([p for p in fit[:room - 1]] + [fit[room - 1] + MORE], "".join(fit[room:])) if room else ([], text)
     else:
         send, rest = pieces, ""
-    with db.conn:
-        for piece in send:
-            db["outbox"].insert({"account": account, "user": user, "inbound_key": key, "content": piece,
-                                 "created_at": now, "attempts": 0, "next_attempt_at": now, "status": "pending"})
+    with transaction(db):
+        for piece in send:  # the row's id is its values' context, so they are sealed once it has one
+            row_id = db.execute("INSERT INTO outbox (account, user, inbound_key, content, created_at, attempts, "
+                                "next_attempt_at, status) VALUES (?, ?, ?, '', ?, 0, ?, 'pending')",
+                                [account, user_hash, key, now, now]).lastrowid
+            db.execute("UPDATE outbox SET content = ?, user_sealed = ?, key_id = ? WHERE id = ?",
+                       [vault.seal(piece, "outbox", "content", row_id), vault.seal(user, "outbox", "user_sealed",
+                                                                                   row_id), vault.current, row_id])
         if rest:
-            db.execute("UPDATE inbound SET status = 'answered', answer = ?, delivery = NULL WHERE dedup_key = ?",
-                       [rest, key])
+            db.execute("UPDATE inbound SET status = 'answered', answer = ?, delivery = NULL, key_id = min(key_id, ?) "
+                       "WHERE dedup_key = ?", [vault.seal(rest, "inbound", "answer", key), vault.current, key])
 
 
-def _next_due(db, now: float) -> dict | None:
-    rows = list(db["outbox"].rows_where("status = 'pending' AND next_attempt_at <= ?", [now], order_by="id",
-                                        limit=1))
-    return rows[0] if rows else None
+def _next_due(db, vault, now: float) -> dict | None:
+    """The next row to send, opened: `user` is the OpenID to send to, `user_hash` what the row counts under."""
+    for row in db["outbox"].rows_where("status = 'pending' AND next_attempt_at <= ?", [now], order_by="id"):
+        try:
+            return {**row, "user_hash": row["user"],
+                    "user": vault.unseal(row["user_sealed"], "outbox", "user_sealed", row["id"]),
+                    "content": vault.unseal(row["content"], "outbox", "content", row["id"])}
+        except UnreadableValue as e:
+            log.error("%s", e)
+            with transaction(db):
+                db.execute("UPDATE outbox SET status = 'unreadable', last_error = ? WHERE id = ?",
+                           [str(e)[:300], row["id"]])
+    return None
 
 
 def _seconds_to_next(db, now: float) -> float | None:
@@ -161,7 +181,7 @@ def _seconds_to_next(db, now: float) -> float | None:
 
 
 def _sent(db, row_id: int, now: float) -> None:
-    with db.conn:
+    with transaction(db):
         db.execute("UPDATE outbox SET status = 'sent', sent_at = ?, attempts = attempts + 1 WHERE id = ?",
                    [now, row_id])
         db.execute("UPDATE inbound SET status = 'delivered', delivered_at = ? WHERE dedup_key = "
@@ -169,7 +189,7 @@ def _sent(db, row_id: int, now: float) -> None:
 
 
 def _retry_later(db, row_id: int, error: str, at: float, attempt: int = 1) -> None:
-    with db.conn:
+    with transaction(db):
         db.execute("UPDATE outbox SET attempts = attempts + ?, next_attempt_at = ?, last_error = ? WHERE id = ?",
                    [attempt, at, error[:300], row_id])
 
@@ -183,15 +203,25 @@ def _member_wait(db, account: str, user: str, now: float) -> float:
     return sent[len(sent) - WECOM_PER_MEMBER_PER_MINUTE] + 60 - now
 
 
-def _back_to_pull(db, row_id: int, error: str) -> None:
+def _back_to_pull(db, vault, row_id: int, error: str) -> None:
     """The platform will not take it: the answer waits for the user's next message instead."""
-    with db.conn:
-        row = db["outbox"].get(row_id)
+    with transaction(db):
+        key = db["outbox"].get(row_id)["inbound_key"]
         db.execute("UPDATE outbox SET status = 'pull', last_error = ?, attempts = attempts + 1 WHERE id = ?",
                    [error[:300], row_id])
-        db.execute("UPDATE inbound SET status = 'answered', delivery = NULL, answer = "
-                   "coalesce((SELECT group_concat(content, '') FROM outbox WHERE inbound_key = ? AND status = 'pull'"
-                   "), answer) WHERE dedup_key = ?", [row["inbound_key"], row["inbound_key"]])
+        pieces = db.execute("SELECT id, content FROM outbox WHERE inbound_key = ? AND status = 'pull' ORDER BY id",
+                            [key]).fetchall()
+        answer = "".join(_opened(vault, piece_id, content) for piece_id, content in pieces)
+        db.execute("UPDATE inbound SET status = 'answered', delivery = NULL, answer = ?, key_id = min(key_id, ?) "
+                   "WHERE dedup_key = ?", [vault.seal(answer, "inbound", "answer", key), vault.current, key])
+
+
+def _opened(vault, row_id: int, content) -> str:
+    try:
+        return vault.unseal(content, "outbox", "content", row_id)
+    except UnreadableValue as e:
+        log.error("%s", e)
+        return ""
 
 
 def _pending_stats(db, now: float) -> tuple[int, float | None]:

@@ -6,6 +6,8 @@ delivery's row instead of a second model call. The callback waits for the answer
 answer is the passive reply; late, the callback says `success` and the answer goes out through the outbox
 ("push", verified accounts) or is kept for the user's next message ("pull", accounts without the customer-service
 API). Rows still unanswered at start-up (the box died mid-answer) are answered again and delivered the same way.
+In the store a message is named by a keyed hash of its de-duplication key, its sender by a keyed hash, and its
+contents and the sender's OpenID are sealed (appliance/vault.py).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from appliance.dialog.engine import Dialog
+from appliance.errors import UnreadableValue
+from appliance.retention import purge_user
 from appliance.store import Store
 from appliance.dialog.wechat_text import wechat_pieces
 from appliance.wechat.outbox import Outbox
@@ -72,38 +76,39 @@ class WeChatService:
 
     async def recover(self) -> int:
         """Answer what was received but never answered before the last stop; the answers wait for a pull."""
-        rows = await self.store.run(_unanswered)
-        for row in rows:
-            message = Inbound(row["account"], row["user"], row["kind"], row["content"] or "", row["dedup_key"],
-                              row["created_at"])
+        messages = await self.store.run(_unanswered, self.store.vault)
+        for message in messages:
             self._when_done_push(message, self._start(message))
-        return len(rows)
+        return len(messages)
 
     async def on_message(self, message: Inbound) -> str | None:
         """The passive reply's text, or None for `success`. Never takes longer than the deadline."""
         started = time.monotonic()
         self.counters["received"] += 1
         self.kinds[message.kind.split(":")[0]] += 1
-        new = await self.store.run(_record, message)
+        message = replace(message, dedup_key=self.store.vault.ref(message.dedup_key))
+        new = await self.store.run(_record, self.store.vault, message)
         if not new:
             self.counters["duplicates"] += 1
             return await self._retry(message, started)
         if message.kind == "event:unsubscribe":  # the platform requires the user's data to go
+            user_hash = self.store.vault.user_hash(message.account, message.user)
+            await self.store.run(purge_user, message.account, user_hash, user_hash, "unsubscribe", message.dedup_key)
             await self.dialog.forget(message.account, message.user)
-            await self.store.run(_purge_user, message.account, message.user, message.dedup_key)
             return None
         if message.kind.startswith("event:"):
             reply = self._event_reply(message)
-            await self.store.run(_finish, message.dedup_key, reply or "", "passive" if reply else "none")
+            await self.store.run(_finish, self.store.vault, message.dedup_key, reply or "",
+                                 "passive" if reply else "none")
             return reply
-        pending = await self.store.run(_take_pending, message.account, message.user)
+        pending = await self.store.run(_take_pending, self.store.vault, message.account, message.user)
         if message.kind != "text":
             note = UNSUPPORTED.get(message.kind, UNSUPPORTED_OTHER)
-            await self.store.run(_finish, message.dedup_key, note, "passive")
+            await self.store.run(_finish, self.store.vault, message.dedup_key, note, "passive")
             return _merge(pending, note)
         if message.content.strip().lower() in CONTINUE_COMMANDS:
             reply = _merge(pending, "") if pending else NOTHING_MORE
-            await self.store.run(_finish, message.dedup_key, reply, "passive")
+            await self.store.run(_finish, self.store.vault, message.dedup_key, reply, "passive")
             return reply
         task = self._start(message)
         if pending:  # the last answers were late: they go now, and this message's answer waits for the next
@@ -134,7 +139,7 @@ class WeChatService:
             log.exception("answering failed; the message stays recorded and is answered again at the next start",
                           extra={"dedup_key": message.dedup_key})
             raise
-        await self.store.run(_set_answer, message.dedup_key, answer)
+        await self.store.run(_set_answer, self.store.vault, message.dedup_key, answer)
         log.info("answered", extra={"user": _short(message.user), "chars": len(answer)})
         return answer
 
@@ -156,7 +161,7 @@ class WeChatService:
         pieces = wechat_pieces(answer, 2048 - len(MORE_HINT.encode()))
         if len(pieces) == 1:
             return answer
-        await self.store.run(_keep_rest, message, "".join(pieces[1:]))
+        await self.store.run(_keep_rest, self.store.vault, message, "".join(pieces[1:]))
         return pieces[0] + MORE_HINT
 
     def _when_done_push(self, message: Inbound, task: asyncio.Task) -> None:
@@ -173,7 +178,7 @@ class WeChatService:
         task.add_done_callback(done)
 
     async def _push(self, message: Inbound) -> None:
-        answer = await self.store.run(_claim_for_push, message.dedup_key)
+        answer = await self.store.run(_claim_for_push, self.store.vault, message.dedup_key)
         if answer is not None:  # None: delivered meanwhile, passively or by a pull
             self.counters["pushed"] += 1
             await self.outbox.push(message.account, message.user, message.dedup_key, answer)
@@ -183,7 +188,7 @@ class WeChatService:
         task = self._answering.get(message.dedup_key)
         if task is not None:
             return await self._deliver_in_time(message, task, started)
-        row = await self.store.run(_row, message.dedup_key)
+        row = await self.store.run(_row, self.store.vault, message.dedup_key)
         if row and row["status"] == "answered" and await self.store.run(_claim, message.dedup_key, "passive"):
             self.counters["passive"] += 1
             return await self._first_bubble(message, row["answer"])
@@ -202,25 +207,36 @@ def _merge(pending: list[str], then: str) -> str:
     return pieces[0] + ("\n……（回答较长，已截断）" if len(pieces) > 1 else "")
 
 
-# ---- store functions, run on the store's thread ----
+# ---- store functions, run on the store's thread; `key` is the stored (hashed) de-duplication key ----
 
-def _record(db, m: Inbound) -> bool:
+def _record(db, vault, m: Inbound) -> bool:
+    seal = lambda text, column: vault.seal(text, "inbound", column, m.dedup_key)  # noqa: E731
     cursor = db.execute(
-        "INSERT OR IGNORE INTO inbound (account, dedup_key, user, kind, content, created_at, received_at, status) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, 'received')",
-        [m.account, m.dedup_key, m.user, m.kind, m.content, m.created_at, time.time()])
+        "INSERT OR IGNORE INTO inbound (account, dedup_key, user, user_sealed, kind, content, created_at, received_at, "
+        "status, key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'received', ?)",
+        [m.account, m.dedup_key, vault.user_hash(m.account, m.user), seal(m.user, "user_sealed"), m.kind,
+         seal(m.content, "content"), m.created_at, time.time(), vault.current])
     db.conn.commit()
     return cursor.rowcount == 1
 
 
-def _row(db, key: str) -> dict | None:
+def _row(db, vault, key: str) -> dict | None:
     rows = list(db["inbound"].rows_where("dedup_key = ?", [key]))
-    return rows[0] if rows else None
+    if not rows:
+        return None
+    row = rows[0]
+    try:
+        row["answer"] = vault.unseal(row["answer"], "inbound", "answer", key)
+    except UnreadableValue as e:
+        log.error("%s", e)
+        return None
+    return row
 
 
-def _set_answer(db, key: str, answer: str) -> None:
-    db.execute("UPDATE inbound SET answer = ?, answered_at = ?, status = 'answered' WHERE dedup_key = ? "
-               "AND status = 'received'", [answer, time.time(), key])
+def _set_answer(db, vault, key: str, answer: str) -> None:
+    db.execute("UPDATE inbound SET answer = ?, answered_at = ?, status = 'answered', key_id = min(key_id, ?) "
+               "WHERE dedup_key = ? AND status = 'received'",
+               [vault.seal(answer, "inbound", "answer", key), time.time(), vault.current, key])
     db.conn.commit()
 
 
@@ -232,47 +248,64 @@ def _claim(db, key: str, delivery: str) -> bool:
     return cursor.rowcount == 1
 
 
-def _claim_for_push(db, key: str) -> str | None:
+def _claim_for_push(db, vault, key: str) -> str | None:
     cursor = db.execute("UPDATE inbound SET status = 'pushing', delivery = 'push' WHERE dedup_key = ? "
                         "AND status = 'answered'", [key])
     db.conn.commit()
     if cursor.rowcount != 1:
         return None
-    return db.execute("SELECT answer FROM inbound WHERE dedup_key = ?", [key]).fetchone()[0]
+    sealed = db.execute("SELECT answer FROM inbound WHERE dedup_key = ?", [key]).fetchone()[0]
+    try:
+        return vault.unseal(sealed, "inbound", "answer", key)
+    except UnreadableValue as e:
+        log.error("%s", e)
+        return None
 
 
-def _finish(db, key: str, answer: str, delivery: str) -> None:
+def _finish(db, vault, key: str, answer: str, delivery: str) -> None:
     now = time.time()
-    db.execute("UPDATE inbound SET answer = ?, answered_at = ?, status = 'delivered', delivery = ?, delivered_at = ? "
-               "WHERE dedup_key = ?", [answer, now, delivery, now, key])
+    db.execute("UPDATE inbound SET answer = ?, answered_at = ?, status = 'delivered', delivery = ?, delivered_at = ?, "
+               "key_id = min(key_id, ?) WHERE dedup_key = ?",
+               [vault.seal(answer, "inbound", "answer", key), now, delivery, now, vault.current, key])
     db.conn.commit()
 
 
-def _take_pending(db, account: str, user: str) -> list[str]:
-    rows = db.execute("SELECT id, answer FROM inbound WHERE account = ? AND user = ? AND status = 'answered' "
-                      "ORDER BY id", [account, user]).fetchall()
+def _take_pending(db, vault, account: str, user: str) -> list[str]:
+    rows = db.execute("SELECT id, dedup_key, answer FROM inbound WHERE account = ? AND user = ? "
+                      "AND status = 'answered' ORDER BY id", [account, vault.user_hash(account, user)]).fetchall()
     if rows:
         db.execute(f"UPDATE inbound SET status = 'delivered', delivery = 'pull', delivered_at = ? "
                    f"WHERE id IN ({','.join('?' * len(rows))})", [time.time(), *[r[0] for r in rows]])
         db.conn.commit()
-    return [answer for _, answer in rows]
+    answers = []
+    for _, key, sealed in rows:
+        try:
+            answers.append(vault.unseal(sealed, "inbound", "answer", key))
+        except UnreadableValue as e:  # the others still go out
+            log.error("%s", e)
+    return answers
 
 
-def _keep_rest(db, m: Inbound, rest: str) -> None:
+def _keep_rest(db, vault, m: Inbound, rest: str) -> None:
     """The rest of a long passive answer, as an answered row of its own that the next 继续 (or message) pulls."""
-    db.execute("INSERT OR IGNORE INTO inbound (account, dedup_key, user, kind, content, created_at, received_at, "
-               "status, answer, answered_at) VALUES (?, ?, ?, 'text', '', ?, ?, 'answered', ?, ?)",
-               [m.account, m.dedup_key + ":rest", m.user, m.created_at, time.time(), rest, time.time()])
+    key = m.dedup_key + ":rest"
+    seal = lambda text, column: vault.seal(text, "inbound", column, key)  # noqa: E731
+    db.execute("INSERT OR IGNORE INTO inbound (account, dedup_key, user, user_sealed, kind, content, created_at, "
+               "received_at, status, answer, answered_at, key_id) VALUES (?, ?, ?, ?, 'text', ?, ?, ?, 'answered', "
+               "?, ?, ?)",
+               [m.account, key, vault.user_hash(m.account, m.user), seal(m.user, "user_sealed"), seal("", "content"),
+                m.created_at, time.time(), seal(rest, "answer"), time.time(), vault.current])
     db.conn.commit()
 
 
-def _purge_user(db, account: str, user: str, key: str) -> None:
-    """Unsubscribe: the user's messages and answers go; the event itself stays as a content-free record."""
-    db.execute("DELETE FROM inbound WHERE account = ? AND user = ? AND dedup_key != ?", [account, user, key])
-    db.execute("UPDATE inbound SET status = 'delivered', delivery = 'none' WHERE dedup_key = ?", [key])
-    db.execute("DELETE FROM outbox WHERE account = ? AND user = ?", [account, user])
-    db.conn.commit()
-
-
-def _unanswered(db) -> list[dict]:
-    return list(db["inbound"].rows_where("status = 'received' AND kind = 'text'", order_by="id"))
+def _unanswered(db, vault) -> list[Inbound]:
+    messages = []
+    for row in db["inbound"].rows_where("status = 'received' AND kind = 'text'", order_by="id"):
+        key = row["dedup_key"]
+        try:
+            messages.append(Inbound(row["account"], vault.unseal(row["user_sealed"], "inbound", "user_sealed", key),
+                                    row["kind"], vault.unseal(row["content"], "inbound", "content", key) or "", key,
+                                    row["created_at"]))
+        except UnreadableValue as e:
+            log.error("%s; it is not answered again", e)
+    return messages
