@@ -22,6 +22,9 @@ RESET_COMMANDS = {"#reset", "/reset", "#清除记忆", "#重置", "清除记忆"
 HELP_COMMANDS = {"#help", "/help", "#帮助", "帮助"}
 SHOW_REASONING = {"#显示思考", "#think on", "/think on"}
 HIDE_REASONING = {"#隐藏思考", "#think off", "/think off"}
+# each spelling of a command under one name, for the dashboard's top commands
+COMMAND_NAMES = {**dict.fromkeys(RESET_COMMANDS, "reset"), **dict.fromkeys(HELP_COMMANDS, "help"),
+                 **dict.fromkeys(SHOW_REASONING, "think_on"), **dict.fromkeys(HIDE_REASONING, "think_off")}
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ class Dialog:
 
     async def answer(self, account: str, user: str, text: str) -> str:
         text, who = text.strip(), (account, user)
+        if command := COMMAND_NAMES.get(text.lower()):
+            await self.store.run(_count_command, account, command)
         if text.lower() in RESET_COMMANDS:
             await self.store.run(_forget, account, user)
             return self.config.reset_reply
@@ -139,6 +144,10 @@ def _remember(db, account: str, user: str, question: str, answer: str) -> None:
     db["turns"].insert_all([{"account": account, "user": user, "role": "user", "content": question, "created_at": now},
                             {"account": account, "user": user, "role": "assistant", "content": answer,
                              "created_at": now}])
+
+
+def _count_command(db, account: str, command: str) -> None:
+    db["command_uses"].insert({"account": account, "command": command, "at": time.time()})
 
 
 def _forget(db, account: str, user: str) -> None:
