@@ -54,7 +54,7 @@ async def csrf_of(http: aiohttp.ClientSession, path: str = "/analytics") -> str:
 async def log_in(site: Site, name: str, password: str = PASSWORD) -> aiohttp.ClientSession:
     http = site.session()
     form = await (await http.get("/login")).text()
-    token = re.search(r'name="csrf" value="([^"]+)"', form).group(1)
+    token = re.search(r'id="login-csrf" name="csrf" value="([^"]+)"', form).group(1)
     resp = await http.post("/login", data={"name": name, "password": password, "csrf": token},
                            allow_redirects=False)
     assert resp.status == 303, await resp.text()
