@@ -85,3 +85,65 @@ async def site(tmp_path, aiohttp_server) -> Site:
     yield Site(f"https://127.0.0.1:{server.port}", store, tmp_path / "tls" / "cert.pem", words, config.store.file)
     await server.close()
     store.close()
+
+
+def _at(day: int, hour: int, minute: int = 0) -> float:
+    """A time on 2025-03-0<day> in UTC (the test site's offset is 0)."""
+    return 1740787200 + (day - 1) * 86400 + hour * 3600 + minute * 60
+
+
+# (day, hour, user, latency or None, delivery): written as the WeChat service writes them
+SEEDED = [(1, 9, "a", 0.4, "passive"), (1, 9, "b", 2.5, "passive"), (1, 14, "a", 0.8, "push"),
+          (2, 10, "c", 6.0, "pull"), (2, 10, "c", 0.3, "passive"), (3, 23, "a", None, None)]
+SEEDED_RANGE = {"from": "2025-03-01", "to": "2025-03-03"}
+EXPECTED = {
+    "days": ["2025-03-01", "2025-03-02", "2025-03-03"],
+    "messages": {"per_day": [3, 2, 1], "per_hour": [2 if h in (9, 10) else 1 if h in (14, 23) else 0
+                                                    for h in range(24)],
+                 "delivery": {"passive": 3, "push": 1, "pull": 1}},
+    "active_users": {"per_day": [2, 1, 1], "total": 3},
+    "latency": {"p50": [1.0, 0.5, None], "p99": [3.0, 7.5, None]},
+    "filter_hits": [0, 2, 0],
+    "top_commands": [["help", 3], ["reset", 1]],
+    "errors": [1, 0, 0],
+}
+
+
+def seed_messages(db) -> None:
+    """Messages received, answered and delivered in separate steps as the service does them, an event and the
+    stored rest of a long answer (neither counted)."""
+    for i, (day, hour, user, latency, delivery) in enumerate(SEEDED):
+        at = _at(day, hour, i)
+        db.execute("INSERT INTO inbound (account, dedup_key, user, kind, content, created_at, received_at, status) "
+                   "VALUES ('wx1', ?, ?, 'text', ?, ?, ?, 'received')", [f"k{i}", user, f"问题{i}", int(at), at])
+        if latency is not None:
+            db.execute("UPDATE inbound SET answer = ?, answered_at = ?, status = 'answered' WHERE dedup_key = ?",
+                       [f"回答{i}", at + latency, f"k{i}"])
+            db.execute("UPDATE inbound SET status = 'delivered', delivery = ?, delivered_at = ? WHERE dedup_key = ?",
+                       [delivery, at + latency, f"k{i}"])
+    db.execute("INSERT INTO inbound (account, dedup_key, user, kind, content, created_at, received_at, status) "
+               "VALUES ('wx1', 'ev', 'd', 'event:subscribe', '', 0, ?, 'delivered')", [_at(1, 8)])
+    db.execute("INSERT INTO inbound (account, dedup_key, user, kind, content, created_at, received_at, status, "
+               "answer, answered_at) VALUES ('wx1', 'k0:rest', 'a', 'text', '', 0, ?, 'answered', '后续', ?)",
+               [_at(1, 9, 1), _at(1, 9, 1)])
+    db.conn.commit()
+
+
+def seed(db) -> None:
+    """A small known history: the messages, commands, filter hits and a failed push."""
+    from appliance import audit
+    from appliance.dialog.engine import _count_command
+
+    seed_messages(db)
+    for command in ("help", "help", "reset", "help"):
+        _count_command(db, "wx1", command)
+        db.execute("UPDATE command_uses SET at = ? WHERE id = last_insert_rowid()", [_at(1, 12)])
+    for minute in (1, 2):
+        audit.record(db, "filter_hit", {"direction": "in", "words": ["违禁词"]}, audit.pseudonym("wx1", "c"))
+        db.execute("UPDATE audit_log SET timestamp = ? WHERE id = last_insert_rowid()", [_at(2, 11, minute)])
+    db["outbox"].insert_all([
+        {"account": "wx1", "user": "a", "content": "回答2", "created_at": _at(1, 14), "status": "sent",
+         "attempts": 2, "last_error": "45047 out of response count limit"},
+        {"account": "wx1", "user": "a", "content": "x", "created_at": _at(1, 15), "status": "pending",
+         "attempts": 0, "next_attempt_at": _at(1, 15)}])
+    db.conn.commit()
