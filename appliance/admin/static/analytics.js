@@ -11,11 +11,12 @@
   Chart.defaults.animation = false;
   Chart.defaults.maintainAspectRatio = false;
   const sum = (xs) => xs.reduce((a, b) => a + b, 0);
-  const line = (id, datasets, labels = data.days) => new Chart(document.getElementById(id), {
-    type: "line", data: { labels, datasets }, options: { spanGaps: true, scales: { y: { beginAtZero: true } } },
+  const counts = { beginAtZero: true, ticks: { precision: 0 } };
+  const line = (id, datasets, y = counts) => new Chart(document.getElementById(id), {
+    type: "line", data: { labels: data.days, datasets }, options: { spanGaps: true, scales: { y } },
   });
   const bar = (id, labels, datasets, extra = {}) => new Chart(document.getElementById(id), {
-    type: "bar", data: { labels, datasets }, options: { scales: { y: { beginAtZero: true } }, ...extra },
+    type: "bar", data: { labels, datasets }, options: { scales: { x: counts, y: counts }, ...extra },
   });
   const hours = Array.from({ length: 24 }, (_, h) => String(h).padStart(2, "0") + ":00");
   bar("messages-per-day", data.days, [{ label: "messages", data: data.messages.per_day, backgroundColor: "#2563a8" }]);
@@ -24,7 +25,7 @@
   line("latency", [
     { label: "p50", data: data.latency.p50, borderColor: "#2563a8" },
     { label: "p99", data: data.latency.p99, borderColor: "#c43d3d" },
-  ]);
+  ], { beginAtZero: true });
   const d = data.messages.delivery;
   new Chart(document.getElementById("delivery"), {
     type: "doughnut",
