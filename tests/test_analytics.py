@@ -64,3 +64,39 @@ def test_a_bad_range_is_refused():
     for first, last in (("2025-03-05", "2025-03-01"), ("2020-01-01", "2025-01-01"), ("yesterday", None)):
         with pytest.raises(ValueError):
             analytics.Range.parse(first, last, 0, None)
+
+
+def test_the_tables_the_migrations_make(tmp_path):
+    db = open_database(tmp_path / "a.db")
+    assert db["command_uses"].columns_dict == {"id": int, "account": str, "command": str, "at": float}
+    assert db["inbound_hourly"].columns_dict == {"hour": int, "account": str, "messages": int, "passive": int,
+                                                 "push": int, "pull": int}
+    assert db["admin_users"].columns_dict == {"name": str, "role": str, "password_hash": str, "created_at": float}
+    assert db["admin_api_keys"].columns_dict == {"id": int, "name": str, "role": str, "key_hash": str,
+                                                 "created_by": str, "created_at": float, "revoked_at": float}
+
+
+async def test_commands_and_filter_hits_from_the_dialog_reach_the_dashboard(tiny_fp32, tmp_path):
+    import datetime as dt
+
+    from appliance.app import open_chat
+    from appliance.config import ModelConfig
+    from appliance.dialog.engine import Dialog, DialogConfig
+    from appliance.dialog.filter import WordFilter
+    from appliance.engine import EngineConfig
+    from appliance.store import Store
+
+    chat = open_chat(ModelConfig(artifact=str(tiny_fp32), threads=1), EngineConfig(max_batch=1, max_length=256))
+    store = Store(tmp_path / "dialog.db")
+    store.open()
+    try:
+        dialog = Dialog(chat, store, DialogConfig(max_tokens=4), WordFilter(["违禁词"]))
+        for text in ("#help", "帮助", "#清除记忆", "/think on", "这是违禁词吗"):
+            await dialog.answer("wx1", "u1", text)
+        today = dt.datetime.now(dt.timezone.utc).date().isoformat()
+        data = await store.run(analytics.dashboard, analytics.Range.parse(today, today, 0, None))
+    finally:
+        store.close()
+        chat.engine.stop()
+    assert data["top_commands"] == [["help", 2], ["reset", 1], ["think_on", 1]]
+    assert data["filter_hits"] == [1]
