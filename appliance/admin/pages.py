@@ -183,7 +183,8 @@ async def outbox_retry(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(reason="id: a number")
     done = await request.app[STORE].run(_retry_now, int(item))
     await record(request, "outbox_retry", {"id": int(item), "due": done})
-    return await outbox_page(request, f"Message {item} is due now." if done else f"Message {item} is not pending.")
+    return await outbox_page(request, f"Message {item} is due now: the outbox sends it within 30 s." if done
+                             else f"Message {item} is not pending.")
 
 
 def _retry_now(db, item: int) -> bool:
