@@ -13,11 +13,11 @@ chat *ARGS: install
     {{venv}}/bin/r1box chat {{ARGS}}
 
 # install everything and run the whole test suite (the real 0.5B model included)
-test *ARGS: install promtool
+test *ARGS: install promtool chromium
     {{python}} -m pytest {{ARGS}}
 
 # fast tests only: the tiny random model, no 0.5 GB download
-test-fast *ARGS: install promtool
+test-fast *ARGS: install promtool chromium
     {{python}} -m pytest -m "not slow" {{ARGS}}
 
 # promtool, for the alert-rule test: unpacked (not installed) from Debian's prometheus package into the cache
@@ -33,6 +33,25 @@ promtool:
     apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get download prometheus >/dev/null; }
     dpkg-deb -x prometheus_*.deb root
     mkdir -p "$dest" && cp root/usr/bin/promtool "$dest/promtool"
+
+# Debian's chromium and its driver, for the admin pages' browser test (installed once; apt lists refreshed if stale)
+[private]
+chromium:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v chromium >/dev/null && command -v chromedriver >/dev/null && exit 0
+    echo "installing chromium and chromium-driver from Debian" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1 || {
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; }
+
+# the analytics dashboard's queries on a generated year of 1,000,000 messages; each must stay under 200 ms
+bench-analytics MESSAGES="1000000": install
+    {{python}} -m appliance.admin.bench_analytics --messages {{MESSAGES}}
+
+# add a user of the admin pages (the password is asked for, or read from stdin)
+admin-add-user NAME ROLE="admin" *ARGS: install
+    {{venv}}/bin/r1box admin add-user {{NAME}} --role {{ROLE}} {{ARGS}}
 
 # run the service (local API on 127.0.0.1:8080; WeChat with later stages) with a TOML config, or the defaults
 serve *ARGS: install

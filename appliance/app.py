@@ -10,6 +10,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from appliance.admin.server import admin_ctx
 from appliance.api import api_key_middleware, errors_middleware, routes
 from appliance.app_keys import API_KEYS, CHAT, CONFIG, METRICS, METRICS_PORT, STORE, WECHAT
 from appliance.chat import ChatService
@@ -177,4 +178,5 @@ def create_app(config: Config) -> web.Application:
         callbacks.add_routes(app)
         app.cleanup_ctx.append(_wechat_ctx(callbacks))
     app.cleanup_ctx.append(_metrics_ctx)
+    app.cleanup_ctx.append(admin_ctx)
     return app

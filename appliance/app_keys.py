@@ -15,3 +15,4 @@ STORE = web.AppKey("store", Store)  # the SQLite database, opened on its own thr
 WECHAT = web.AppKey("wechat", WeChatService)  # present when an Official Account or WeCom app is configured
 METRICS = web.AppKey("metrics", Metrics)  # the Prometheus registry, served on its own listener
 METRICS_PORT = web.AppKey("metrics_port", int)  # the port actually bound (the config may say 0: any free one)
+ADMIN_PORT = web.AppKey("admin_port", int)  # the admin listener's port actually bound

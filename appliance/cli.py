@@ -144,7 +144,42 @@ def cmd_serve(args) -> None:
     config = load_config(args.config, {"server": {"host": args.host, "port": args.port},
                                        "model": {"artifact": args.artifact, "provider": args.provider}})
     setup_logging(args.log_format)
-    web.run_app(create_app(config), host=config.server.host, port=config.server.port, print=None)
+    ssl_context = None
+    if not config.server.loopback:  # beyond this machine the API speaks TLS 1.3, with the admin pages' certificate
+        from appliance.admin.tls import server_context
+
+        ssl_context, _ = server_context(config.admin.cert, config.admin.key, config.store.file.parent / "admin-tls")
+    web.run_app(create_app(config), host=config.server.host, port=config.server.port, ssl_context=ssl_context,
+                print=None)
+
+
+def cmd_admin_add_user(args) -> None:
+    """The first admin (or any user) from the box's shell; the password from stdin or a prompt, never a flag."""
+    import getpass
+
+    from appliance.admin import auth
+    from appliance.config import load_config
+    from appliance.store import open_database
+
+    config = load_config(args.config)
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise R1boxError("the two passwords differ; nothing changed.")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    try:
+        auth.check_user(args.name, args.role, password)
+        db = open_database(config.store.file)
+        auth.add_user(db, args.name, args.role, auth.hash_password(password))
+    except auth.AuthError as e:
+        raise R1boxError(f"{e}; nothing changed.") from None
+    from appliance import audit
+
+    audit.record(db, "user_added", {"name": args.name, "role": args.role, "via": "cli"}, getpass.getuser(),
+                 "local")
+    db.conn.close()
+    print(f"added {args.name} ({args.role}) to {config.store.file}")
 
 
 def cmd_wechat_sim(args) -> None:
@@ -248,6 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
                    help="auto: readable on a terminal, JSON lines otherwise (the journal)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("admin", help="admin pages: users")
+    admin = p.add_subparsers(dest="admin_command", required=True)
+    p = admin.add_parser("add-user", help="add a user of the admin pages; the password is read from stdin or "
+                         "asked for")
+    p.add_argument("name")
+    p.add_argument("--role", choices=["viewer", "operator", "admin"], required=True)
+    p.add_argument("--config", help="TOML configuration file (for the database's path)")
+    p.set_defaults(func=cmd_admin_add_user)
 
     p = sub.add_parser("wechat-sim", help="send a message to a running box as the WeChat platform would")
     p.add_argument("text")

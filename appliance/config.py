@@ -113,6 +113,32 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    """The admin pages, on their own TLS 1.3 listener."""
+
+    host: str = "127.0.0.1"
+    port: int = 8443
+    cert: str = ""  # PEM certificate chain and its key; both empty: a self-signed pair made beside the database
+    key: str = ""
+    session_minutes: int = 480  # a login lasts this long
+    utc_offset_hours: int = 8  # the office's time zone, for the dashboard's days and hours
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be between 0 and 65535")
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("cert and key go together: set both, or neither for a self-signed certificate")
+        if not 5 <= self.session_minutes <= 7 * 24 * 60:
+            raise ValueError("session_minutes must be between 5 and 10080")
+        if not -12 <= self.utc_offset_hours <= 14:
+            raise ValueError("utc_offset_hours must be between -12 and 14")
+
+    @property
+    def loopback(self) -> bool:
+        return ServerConfig(host=self.host).loopback
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     path: str = ""  # empty: $R1BOX_DATA/r1box.db, else ~/.local/share/r1box/r1box.db
     key_file: str = ""  # the encryption keys, apart from the database; empty: r1box.keys beside it
@@ -147,10 +173,12 @@ class Config:
     dialog: DialogConfig = DialogConfig()
     store: StoreConfig = StoreConfig()
     metrics: MetricsConfig = MetricsConfig()
+    admin: AdminConfig = AdminConfig()
 
 
 _SECTIONS = {"model": ModelConfig, "engine": EngineConfig, "server": ServerConfig, "wechat": WeChatConfig,
-             "wecom": WeComConfig, "dialog": DialogConfig, "store": StoreConfig, "metrics": MetricsConfig}
+             "wecom": WeComConfig, "dialog": DialogConfig, "store": StoreConfig, "metrics": MetricsConfig,
+             "admin": AdminConfig}
 _FROM_ENV_ONLY = {"api_keys"}
 _SECRETS = {"wechat": ("R1BOX_WECHAT", ("token", "encoding_aes_key", "previous_encoding_aes_key", "app_secret")),
             "wecom": ("R1BOX_WECOM", ("token", "encoding_aes_key", "previous_encoding_aes_key", "corp_secret"))}

@@ -14,9 +14,11 @@ from appliance.vault import Vault
 
 def users(db, account: str | None = None, limit: int = 100) -> list[dict]:
     """Users with messages, the most recently active first: account, user (hash), messages, last_at."""
-    where, params = ("WHERE account = ?", [account]) if account else ("", [])
-    rows = db.execute(f"SELECT account, user, count(*), max(received_at) FROM inbound {where} "
-                      "GROUP BY account, user ORDER BY max(received_at) DESC LIMIT ?", [*params, limit]).fetchall()
+    # a user's messages: not platform events, nor the stored rest of a long answer
+    where, params = ("AND account = ?", [account]) if account else ("", [])
+    rows = db.execute("SELECT account, user, count(*), max(received_at) FROM inbound WHERE kind NOT LIKE 'event%' "
+                      f"AND dedup_key NOT LIKE '%:rest' {where} GROUP BY account, user "
+                      "ORDER BY max(received_at) DESC LIMIT ?", [*params, limit]).fetchall()
     return [{"account": a, "user": u, "messages": n, "last_at": at} for a, u, n, at in rows]
 
 

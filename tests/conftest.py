@@ -82,9 +82,10 @@ async def api(aiohttp_server) -> FakeWeChatApi:
 
 
 def write_config(tmp_path: Path, artifact: Path, sections: str = "", threads: int | None = 1) -> Path:
-    """A service config for tests: the artifact, `sections` (TOML tables other than [model], [metrics] and [store]),
-    metrics on an ephemeral port and the database in tmp_path."""
+    """A service config for tests: the artifact, `sections` (TOML tables other than [model], [metrics], [admin] and
+    [store]), metrics and admin pages on ephemeral ports and the database in tmp_path."""
     model = f'[model]\nartifact = "{artifact}"\n' + (f"threads = {threads}\n" if threads else "")
     path = tmp_path / "r1box.toml"
-    path.write_text(model + sections + f'[metrics]\nport = 0\n[store]\npath = "{tmp_path / "r1box.db"}"\n')
+    path.write_text(model + sections + '[metrics]\nport = 0\n[admin]\nport = 0\n'
+                    f'[store]\npath = "{tmp_path / "r1box.db"}"\n')
     return path

@@ -107,7 +107,8 @@ def test_the_readme_trial_config_answers_in_every_mode(tmp_path):
         port = s.getsockname()[1]
     config = tmp_path / "trial.toml"
     # the README's block as it is; the test adds a free port, and a short answer so it fits the 5-second reply
-    config.write_text(block + f"\n[server]\nport = {port}\n[metrics]\nport = 0\n[dialog]\nmax_tokens = 64\n")
+    config.write_text(block + f"\n[server]\nport = {port}\n[metrics]\nport = 0\n[admin]\nport = 0\n"
+                      "[dialog]\nmax_tokens = 64\n")
     env = dict(os.environ, R1BOX_DATA=str(tmp_path))
     cli = [sys.executable, "-m", "appliance.cli"]
     server = subprocess.Popen(cli + ["serve", "--config", str(config)], env=env, stdout=subprocess.PIPE,

@@ -27,6 +27,9 @@ RESET_COMMANDS = {"#reset", "/reset", "#清除记忆", "#重置", "清除记忆"
 HELP_COMMANDS = {"#help", "/help", "#帮助", "帮助"}
 SHOW_REASONING = {"#显示思考", "#think on", "/think on"}
 HIDE_REASONING = {"#隐藏思考", "#think off", "/think off"}
+# each spelling of a command under one name, for the dashboard's top commands
+COMMAND_NAMES = {**dict.fromkeys(RESET_COMMANDS, "reset"), **dict.fromkeys(HELP_COMMANDS, "help"),
+                 **dict.fromkeys(SHOW_REASONING, "think_on"), **dict.fromkeys(HIDE_REASONING, "think_off")}
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,8 @@ class Dialog:
 
     async def answer(self, account: str, user: str, text: str) -> str:
         text, who = text.strip(), (account, user)
+        if command := COMMAND_NAMES.get(text.lower()):
+            await self.store.run(_count_command, account, command)
         if text.lower() in RESET_COMMANDS:
             await self.store.run(_forget, self.store.vault, account, user)
             return self.config.reset_reply
@@ -154,6 +159,10 @@ def _remember(db, vault, account: str, user: str, question: str, answer: str) ->
                                 "VALUES (?, ?, ?, '', ?, ?)", [account, user_hash, role, now, vault.current]).lastrowid
             db.execute("UPDATE turns SET content = ? WHERE id = ?",
                        [vault.seal(content, "turns", "content", row_id), row_id])
+
+
+def _count_command(db, account: str, command: str) -> None:
+    db["command_uses"].insert({"account": account, "command": command, "at": time.time()})
 
 
 def _forget(db, vault, account: str, user: str) -> None:

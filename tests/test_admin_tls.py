@@ -1,0 +1,117 @@
+"""TLS on the real service: the admin listener (started by the app like the metrics one) speaks TLS 1.3 only,
+with a self-signed certificate made at first start whose logged fingerprint is the one served, or the configured
+certificate; the local API speaks TLS 1.3 when bound beyond loopback. The first admin comes from the CLI, with the
+password on stdin."""
+
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+
+import aiohttp
+import pytest
+
+from appliance.admin.tls import fingerprint, make_self_signed
+from appliance.app import create_app
+from appliance.app_keys import ADMIN_PORT
+from appliance.config import load_config
+from appliance.errors import ConfigError
+from tests.conftest import write_config
+
+PASSWORD = "a first admin password"
+
+
+def _handshake(port: int, cafile, **versions) -> tuple[str, bytes]:
+    context = ssl.create_default_context(cafile=str(cafile))
+    for key, value in versions.items():
+        setattr(context, key, value)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            return tls.version(), tls.getpeercert(binary_form=True)
+
+
+def _colons(digest: str) -> str:
+    return ":".join(digest.upper()[i:i + 2] for i in range(0, len(digest), 2))
+
+
+async def test_admin_listener_is_tls13_only_with_the_logged_self_signed_certificate(aiohttp_client, tiny_fp32,
+                                                                                  tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    config = load_config(write_config(tmp_path, tiny_fp32))
+    client = await aiohttp_client(create_app(config))
+    port, cert = client.app[ADMIN_PORT], tmp_path / "admin-tls" / "cert.pem"
+    assert port and cert.exists() and oct((tmp_path / "admin-tls" / "key.pem").stat().st_mode & 0o777) == "0o600"
+    version, served = await asyncio.to_thread(_handshake, port, cert)
+    assert version == "TLSv1.3"
+    logged = [r for r in caplog.records if getattr(r, "tls_fingerprint", None)]
+    assert logged and logged[0].tls_fingerprint == _colons(hashlib.sha256(served).hexdigest())
+    with pytest.raises(ssl.SSLError):
+        await asyncio.to_thread(_handshake, port, cert, maximum_version=ssl.TLSVersion.TLSv1_2)
+    async with aiohttp.ClientSession() as http:  # plain HTTP gets no page
+        with pytest.raises(aiohttp.ClientError):
+            await http.get(f"http://127.0.0.1:{port}/login")
+        resp = await http.get(f"https://127.0.0.1:{port}/login", ssl=ssl.create_default_context(cafile=str(cert)))
+        assert resp.status == 200 and resp.headers["Strict-Transport-Security"].startswith("max-age=")
+
+
+async def test_a_configured_certificate_is_used_and_a_bad_one_named(aiohttp_client, tiny_fp32, tmp_path):
+    own_cert, own_key = make_self_signed(tmp_path / "own")
+    path = write_config(tmp_path, tiny_fp32, f'[admin]\ncert = "{own_cert}"\nkey = "{own_key}"\n')
+    text = path.read_text().replace("[admin]\nport = 0\n", "")  # one [admin] table: the test's, with port 0
+    path.write_text(text.replace(f'key = "{own_key}"\n', f'key = "{own_key}"\nport = 0\n'))
+    client = await aiohttp_client(create_app(load_config(path)))
+    _, served = await asyncio.to_thread(_handshake, client.app[ADMIN_PORT], own_cert)
+    assert _colons(hashlib.sha256(served).hexdigest()) == fingerprint(own_cert)
+    assert not (tmp_path / "admin-tls").exists()
+    (tmp_path / "own" / "cert.pem").write_text("not a certificate")
+    with pytest.raises(ConfigError, match=r"\[admin\] cert"):
+        async with await aiohttp_client(create_app(load_config(path))):
+            pass
+
+
+def test_first_admin_from_the_cli_with_the_password_on_stdin(tmp_path):
+    config = tmp_path / "r1box.toml"
+    config.write_text(f'[store]\npath = "{tmp_path / "r1box.db"}"\n')
+    cli = [sys.executable, "-m", "appliance.cli", "admin", "add-user"]
+    done = subprocess.run(cli + ["root", "--role", "admin", "--config", str(config)], input=PASSWORD + "\n",
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "added root (admin)" in done.stdout and PASSWORD not in done.stdout + done.stderr
+    short = subprocess.run(cli + ["other", "--role", "admin", "--config", str(config)], input="short\n",
+                           capture_output=True, text=True, timeout=60)
+    assert short.returncode != 0 and "at least 10 characters" in short.stderr
+    from appliance.admin import auth
+    from appliance.store import open_database
+
+    db = open_database(tmp_path / "r1box.db")
+    assert auth.login(db, "root", PASSWORD, 5) is not None and auth.login(db, "other", "short", 5) is None
+    assert [(r["operation"], r["ip_address"]) for r in db["audit_log"].rows] == [("user_added", "local")]
+
+
+def test_the_api_beyond_loopback_speaks_tls13(tiny_fp32, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = write_config(tmp_path, tiny_fp32, f'[server]\nhost = "0.0.0.0"\nport = {port}\n')
+    env = dict(os.environ, R1BOX_API_KEYS="tls-test-key")
+    server = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--config", str(config)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cert = tmp_path / "admin-tls" / "cert.pem"
+    try:
+        for _ in range(300):
+            try:
+                version, _ = _handshake(port, cert)
+                break
+            except (OSError, ssl.SSLError):
+                assert server.poll() is None, server.stdout.read()
+                time.sleep(0.2)
+        assert version == "TLSv1.3"
+        with pytest.raises(ssl.SSLError):
+            _handshake(port, cert, maximum_version=ssl.TLSVersion.TLSv1_2)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
