@@ -3,6 +3,7 @@ role, and an HTTPS client that keeps cookies and reads each page's CSRF token.""
 
 from __future__ import annotations
 
+import json
 import re
 import ssl
 from dataclasses import dataclass
@@ -132,7 +133,6 @@ def seed_messages(db) -> None:
 def seed(db, vault=None) -> None:
     """A small known history: the messages, commands, filter hits and a failed push. With the store's vault, the
     messages are then sealed and their users hashed, as the store does with rows from before encryption."""
-    from appliance import audit
     from appliance.dialog.engine import _count_command
     from appliance.rotation import seal_plaintext_rows
 
@@ -142,9 +142,9 @@ def seed(db, vault=None) -> None:
     for command in ("help", "help", "reset", "help"):
         _count_command(db, "wx1", command)
         db.execute("UPDATE command_uses SET at = ? WHERE id = last_insert_rowid()", [_at(1, 12)])
-    for minute in (1, 2):
-        audit.record(db, "filter_hit", {"direction": "in", "words": ["违禁词"]}, "u-c")
-        db.execute("UPDATE audit_log SET timestamp = ? WHERE id = last_insert_rowid()", [_at(2, 11, minute)])
+    for minute in (1, 2):  # as audit.record writes them, at a time in the seeded range (the log is append-only)
+        db["audit_log"].insert({"user_id": "u-c", "operation": "filter_hit", "timestamp": _at(2, 11, minute),
+                                "details": json.dumps({"direction": "in", "words": ["违禁词"]})})
     db["outbox"].insert_all([
         {"account": "wx1", "user": "a", "content": "回答2", "created_at": _at(1, 14), "status": "sent",
          "attempts": 2, "last_error": "45047 out of response count limit"},
