@@ -6,14 +6,23 @@ under their keyed hash (Vault.user_hash), the same stand-in the conversation tab
 from __future__ import annotations
 
 import json
+import os
 import time
 
 
 def record(db, operation: str, details: dict, user_id: str | None = None, ip_address: str | None = None) -> None:
-    """One row; inside a caller's transaction it commits (or rolls back) with the act it records."""
+    """One row; inside a caller's transaction it commits (or rolls back) with the act it records. Acts of the box
+    itself ("system") and of its commands ("cli:USER") are recorded with where they were done from."""
+    if ip_address is None and user_id and (user_id == "system" or user_id.startswith("cli:")):
+        ip_address = origin()
     inside = db.conn.in_transaction
     db.execute("INSERT INTO audit_log (user_id, operation, timestamp, ip_address, details) VALUES (?, ?, ?, ?, ?)",
                [user_id, operation, time.time(), ip_address, json.dumps(details, ensure_ascii=False)])
     if not inside:
         db.conn.commit()
 
+
+def origin() -> str:
+    """A command's address: its SSH client's when run over SSH, else "local" (the console, or the box itself)."""
+    ssh = os.environ.get("SSH_CONNECTION") or os.environ.get("SSH_CLIENT") or ""
+    return ssh.split()[0] if ssh.split() else "local"

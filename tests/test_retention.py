@@ -91,7 +91,9 @@ def test_the_audit_log_refuses_changes_outside_retention(store):
     assert store.call(purge_expired, 30, 180, "system")["audit_log"] == 1  # retention may
 
 
-def test_purge_user_takes_everything_of_one_user_and_nothing_else(tmp_path, capsys):
+def test_purge_user_takes_everything_of_one_user_and_nothing_else(tmp_path, capsys, monkeypatch):
+    for name in ("SSH_CONNECTION", "SSH_CLIENT"):  # at the box's console
+        monkeypatch.delenv(name, raising=False)
     from appliance.wechat.outbox import _enqueue
 
     store = Store(tmp_path / "r1box.db")
@@ -119,9 +121,17 @@ def test_purge_user_takes_everything_of_one_user_and_nothing_else(tmp_path, caps
     assert hashes == {store.vault.user_hash(APP_ID, "staying")}
     rows = _audit(store, "purge_user")
     assert len(rows) == 3 and rows[2]["user"] == result["user"] and rows[2]["reason"] == "request"
-    actor = store.call(lambda db: db.execute("SELECT user_id FROM audit_log ORDER BY id DESC").fetchone()[0])
-    assert actor.startswith("cli:")
+    actor, address = store.call(lambda db: db.execute("SELECT user_id, ip_address FROM audit_log "
+                                                      "ORDER BY id DESC").fetchone())
+    assert actor.startswith("cli:") and address == "local"
     store.close()
+
+
+def test_a_command_run_over_ssh_is_audited_with_the_client_address(store, monkeypatch):
+    monkeypatch.setenv("SSH_CONNECTION", "10.8.0.23 52144 10.8.0.1 22")
+    store.call(purge_expired, 30, 180, "cli:operator")
+    row = store.call(lambda db: db.execute("SELECT user_id, ip_address FROM audit_log").fetchone())
+    assert row == ("cli:operator", "10.8.0.23")
 
 
 def test_a_full_disk_leaves_nothing_half_done(store):
