@@ -177,13 +177,18 @@ def _outbox_rows(db) -> list[dict]:
 @routes.post("/outbox/retry")
 @need("operator")
 async def outbox_retry(request: web.Request) -> web.Response:
+    item = await _posted_id(request)
+    done = await request.app[STORE].run(_retry_now, item)
+    await record(request, "outbox_retry", {"id": item, "due": done})
+    return await outbox_page(request, f"Message {item} is due now: the outbox sends it within 30 s." if done
+                             else f"Message {item} is not pending.")
+
+
+async def _posted_id(request: web.Request) -> int:
     item = _form_text(await request.post(), "id", 20)
     if not item.isdigit():
         raise web.HTTPBadRequest(reason="id: a number")
-    done = await request.app[STORE].run(_retry_now, int(item))
-    await record(request, "outbox_retry", {"id": int(item), "due": done})
-    return await outbox_page(request, f"Message {item} is due now: the outbox sends it within 30 s." if done
-                             else f"Message {item} is not pending.")
+    return int(item)
 
 
 def _retry_now(db, item: int) -> bool:
@@ -299,11 +304,9 @@ async def key_add(request: web.Request) -> web.Response:
 @routes.post("/keys/revoke")
 @need("admin")
 async def key_revoke(request: web.Request) -> web.Response:
-    item = _form_text(await request.post(), "id", 20)
-    if not item.isdigit():
-        raise web.HTTPBadRequest(reason="id: a number")
-    done = await request.app[STORE].run(auth.revoke_key, int(item))
-    await record(request, "key_revoked", {"id": int(item), "revoked": done})
+    item = await _posted_id(request)
+    done = await request.app[STORE].run(auth.revoke_key, item)
+    await record(request, "key_revoked", {"id": item, "revoked": done})
     return await users_page(request, notice=f"Key {item} revoked." if done else f"Key {item} was not active.")
 
 
