@@ -52,9 +52,9 @@ def open_chat(model: ModelConfig, engine_config: EngineConfig, metrics: Metrics 
     manifest = load_manifest(resolve_artifact(model))
     threads = model.threads or None
     decoder, reason = open_decoder(manifest, model.provider, threads, model.huge_pages)
+    on_cpu = (lambda: Decoder(manifest, threads, "cpu", model.huge_pages)) if decoder.provider != "cpu" else None
     engine = Engine(decoder, engine_config, stop_ids=frozenset(manifest.chat["stop_ids"]),
-                    think=manifest.chat.get("think"),
-                    fallback=(lambda: Decoder(manifest, threads, "cpu", model.huge_pages)) if decoder.provider != "cpu" else None)
+                    think=manifest.chat.get("think"), fallback=on_cpu)
     if reason:
         engine.fallbacks, engine.fallback_reason = 1, reason
     log.info("serving %s on %s with %d threads, %d slots of %d tokens (KV cache %.0f MB)", manifest.name,

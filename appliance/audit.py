@@ -5,6 +5,7 @@ under their keyed hash (Vault.user_hash), the same stand-in the conversation tab
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import time
@@ -26,3 +27,12 @@ def origin() -> str:
     """A command's address: its SSH client's when run over SSH, else "local" (the console, or the box itself)."""
     ssh = os.environ.get("SSH_CONNECTION") or os.environ.get("SSH_CLIENT") or ""
     return ssh.split()[0] if ssh.split() else "local"
+
+
+def command_actor() -> str:
+    """Who runs an r1box command on the box: "cli:" and the login name (the sudoer's, under sudo)."""
+    try:
+        who = os.environ.get("SUDO_USER") or getpass.getuser()
+    except (KeyError, OSError):
+        who = str(os.getuid())
+    return f"cli:{who}"

@@ -157,6 +157,7 @@ def cmd_admin_add_user(args) -> None:
     """The first admin (or any user) from the box's shell; the password from stdin or a prompt, never a flag."""
     import getpass
 
+    from appliance import audit
     from appliance.admin import auth
     from appliance.config import load_config
     from appliance.store import open_database
@@ -174,10 +175,7 @@ def cmd_admin_add_user(args) -> None:
         auth.add_user(db, args.name, args.role, auth.hash_password(password))
     except auth.AuthError as e:
         raise R1boxError(f"{e}; nothing changed.") from None
-    from appliance import audit
-
-    audit.record(db, "user_added", {"name": args.name, "role": args.role, "via": "cli"}, getpass.getuser(),
-                 "local")
+    audit.record(db, "user_added", {"name": args.name, "role": args.role, "via": "cli"}, audit.command_actor())
     db.conn.close()
     print(f"added {args.name} ({args.role}) to {config.store.file}")
 

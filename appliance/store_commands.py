@@ -5,11 +5,10 @@ audit row naming the person who ran it."""
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
-import os
 from pathlib import Path
 
+from appliance.audit import command_actor
 from appliance.errors import R1boxError
 
 
@@ -17,14 +16,6 @@ def _config(args):
     from appliance.config import load_config
 
     return load_config(args.config)
-
-
-def _actor() -> str:
-    try:
-        who = os.environ.get("SUDO_USER") or getpass.getuser()
-    except (KeyError, OSError):
-        who = str(os.getuid())
-    return f"cli:{who}"
 
 
 def _opened(config):
@@ -44,7 +35,7 @@ def cmd_backup(args) -> None:
 
     store = _opened(_config(args))
     try:
-        _print(backup(store, Path(args.out), _actor()))
+        _print(backup(store, Path(args.out), command_actor()))
     finally:
         store.close()
 
@@ -53,7 +44,7 @@ def cmd_restore(args) -> None:
     from appliance.backup import restore
 
     config = _config(args)
-    _print(restore(Path(args.backup), config.store.file, config.store.keys, _actor(), force=args.force))
+    _print(restore(Path(args.backup), config.store.file, config.store.keys, command_actor(), force=args.force))
 
 
 def cmd_keys_rotate(args) -> None:
@@ -61,7 +52,7 @@ def cmd_keys_rotate(args) -> None:
 
     store = _opened(_config(args))
     try:
-        _print(store.call(rotate, store.vault, _actor()))
+        _print(store.call(rotate, store.vault, command_actor()))
     finally:
         store.close()
 
@@ -72,7 +63,7 @@ def cmd_purge(args) -> None:
     config = _config(args)
     store = _opened(config)
     try:
-        _print(store.call(purge_expired, config.store.conversation_days, config.store.audit_days, _actor()))
+        _print(store.call(purge_expired, config.store.conversation_days, config.store.audit_days, command_actor()))
     finally:
         store.close()
 
@@ -89,7 +80,7 @@ def cmd_purge_user(args) -> None:
     store = _opened(config)
     try:
         user_hash = store.vault.user_hash(account, args.user)
-        _print({"user": user_hash, **store.call(purge_user, account, user_hash, _actor(), "request")})
+        _print({"user": user_hash, **store.call(purge_user, account, user_hash, command_actor(), "request")})
     finally:
         store.close()
 

@@ -4,6 +4,7 @@ certificate; the local API speaks TLS 1.3 when bound beyond loopback. The first 
 password on stdin."""
 
 import asyncio
+import getpass
 import hashlib
 import logging
 import os
@@ -78,8 +79,9 @@ def test_first_admin_from_the_cli_with_the_password_on_stdin(tmp_path):
     config = tmp_path / "r1box.toml"
     config.write_text(f'[store]\npath = "{tmp_path / "r1box.db"}"\n')
     cli = [sys.executable, "-m", "appliance.cli", "admin", "add-user"]
+    console = {k: v for k, v in os.environ.items() if not k.startswith("SSH_")}  # at the box, not over SSH
     done = subprocess.run(cli + ["root", "--role", "admin", "--config", str(config)], input=PASSWORD + "\n",
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env=console)
     assert done.returncode == 0 and "added root (admin)" in done.stdout and PASSWORD not in done.stdout + done.stderr
     short = subprocess.run(cli + ["other", "--role", "admin", "--config", str(config)], input="short\n",
                            capture_output=True, text=True, timeout=60)
@@ -89,7 +91,8 @@ def test_first_admin_from_the_cli_with_the_password_on_stdin(tmp_path):
 
     db = open_database(tmp_path / "r1box.db")
     assert auth.login(db, "root", PASSWORD, 5) is not None and auth.login(db, "other", "short", 5) is None
-    assert [(r["operation"], r["ip_address"]) for r in db["audit_log"].rows] == [("user_added", "local")]
+    rows = [(r["operation"], r["user_id"], r["ip_address"]) for r in db["audit_log"].rows]
+    assert rows == [("user_added", f"cli:{getpass.getuser()}", "local")]
 
 
 def test_the_api_beyond_loopback_speaks_tls13(tiny_fp32, tmp_path):
