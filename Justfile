@@ -12,8 +12,8 @@ default:
 chat *ARGS: install
     {{venv}}/bin/r1box chat {{ARGS}}
 
-# install everything and run the whole test suite (the real 0.5B model included)
-test *ARGS: install promtool chromium
+# install everything and run the whole test suite (the real 0.5B model and the firmware image included)
+test *ARGS: install promtool chromium image-tools
     {{python}} -m pytest {{ARGS}}
 
 # fast tests only: the tiny random model, no 0.5 GB download
@@ -92,3 +92,26 @@ install:
 install-gpu: install
     {{python}} -m pip uninstall --yes onnxruntime
     {{python}} -m pip install --quiet onnxruntime-gpu ".[gpu]"
+
+# the firmware image (x86-64 UEFI, A/B root slots, data and CONFIG partitions): `just image` or `just image arch=arm64`
+image ARCH="amd64": install image-tools
+    {{python}} -m firmware_image.images --arch "{{trim_start_match(ARCH, "arch=")}}"
+
+# boot the image in QEMU, wait for /healthz, answer a WeChat message; prints boot-to-healthy, keeps the serial log
+image-test: install image-tools
+    {{python}} -m firmware_image.boot_check --logs image-test-logs
+
+# what building and booting the image needs, from Debian (a no-op once installed)
+[private]
+image-tools:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    tools=(mmdebstrap:mmdebstrap qemu-system-x86_64:qemu-system-x86 /usr/share/OVMF/OVMF_CODE_4M.fd:ovmf
+           /usr/lib/systemd/boot/efi/linuxx64.efi.stub:systemd-boot-efi mcopy:mtools mkfs.vfat:dosfstools
+           sfdisk:fdisk mkfs.ext4:e2fsprogs objcopy:binutils)
+    missing=()
+    for t in "${tools[@]}"; do command -v "${t%%:*}" >/dev/null || [ -e "${t%%:*}" ] || missing+=("${t#*:}"); done
+    [ ${#missing[@]} -eq 0 ] && exit 0
+    echo "installing ${missing[*]} for the firmware image" >&2
+    [ "$(id -u)" -eq 0 ] || { echo "run as root, or: sudo apt-get install ${missing[*]}" >&2; exit 1; }
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

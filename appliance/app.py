@@ -19,12 +19,14 @@ from appliance.dialog.engine import Dialog
 from appliance.dialog.filter import WordFilter
 from appliance.engine import Engine, EngineConfig
 from appliance.errors import ConfigError
+from appliance.gpu_preflight import nvidia_preflight
 from appliance.logs import request_id_middleware
 from appliance.manifest import load_manifest
 from appliance.metrics import EngineCollector, GpuCollector, Metrics, WeChatCollector
 from appliance.model import Decoder, open_decoder
 from appliance.retention import run_forever as run_retention
 from appliance.store import Store
+from appliance.systemd import systemd_ctx
 from appliance.tokenizer import ChatTokenizer
 from appliance.wechat.callback import Callbacks
 from appliance.wechat.client import Credentials, TokenManager, WeChatClient
@@ -49,9 +51,12 @@ def resolve_artifact(model: ModelConfig) -> Path:
 
 def open_chat(model: ModelConfig, engine_config: EngineConfig, metrics: Metrics | None = None) -> ChatService:
     """Load and verify the artifact, start the decoder (CUDA falling back to the CPU) and the engine."""
-    manifest = load_manifest(resolve_artifact(model))
+    artifact = resolve_artifact(model)
+    manifest = load_manifest(artifact)
     threads = model.threads or None
-    decoder, reason = open_decoder(manifest, model.provider, threads, model.huge_pages)
+    provider, preflight_reason = nvidia_preflight(model.provider, artifact)
+    decoder, reason = open_decoder(manifest, provider, threads, model.huge_pages)
+    reason = preflight_reason or reason
     on_cpu = (lambda: Decoder(manifest, threads, "cpu", model.huge_pages)) if decoder.provider != "cpu" else None
     engine = Engine(decoder, engine_config, stop_ids=frozenset(manifest.chat["stop_ids"]),
                     think=manifest.chat.get("think"), fallback=on_cpu)
@@ -169,6 +174,7 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[API_KEYS] = config.server.api_keys
     app[METRICS] = Metrics()
+    app.cleanup_ctx.append(systemd_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_chat_ctx)
     app.add_routes(routes)

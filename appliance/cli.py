@@ -200,7 +200,8 @@ def cmd_wechat_sim(args) -> None:
         w, server = (config.wecom if args.wecom else config.wechat), config.server
         app_id = args.app_id or (w.corp_id if args.wecom else w.app_id)
         token, key = w.token, w.encoding_aes_key
-        url = args.url or f"http://{server.host}:{server.port}{w.path}"
+        scheme = "http" if server.loopback else "https"  # beyond loopback the box speaks TLS 1.3 only
+        url = args.url or f"{scheme}://{server.host}:{server.port}{w.path}"
     else:
         app_id = args.app_id
         url = args.url or f"http://127.0.0.1:8080/{'wecom' if args.wecom else 'wechat'}"
@@ -211,10 +212,16 @@ def cmd_wechat_sim(args) -> None:
     platform = Platform(Account(kind, app_id, token, key), args.mode)
     request = platform.message(text_message(app_id, args.user, args.text, random.randrange(1, 2**62)))
 
+    # the box's self-signed certificate is trusted by its fingerprint, as its console shows it
+    try:
+        tls = aiohttp.Fingerprint(bytes.fromhex(args.fingerprint.replace(":", ""))) if args.fingerprint else None
+    except ValueError:
+        raise R1boxError("--fingerprint: expected the certificate's SHA-256 as 32 hex bytes (AB:CD:...)") from None
+
     async def send() -> list[tuple[int, str]]:
         """The first delivery, then the platform's retries 5 s apart, each with the same message."""
         answers = []
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls) if tls else None) as session:
             for attempt in range(1 + args.retries):
                 if attempt:
                     await asyncio.sleep(5)
@@ -295,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text")
     p.add_argument("--config", help="the box's configuration file: app id, secrets, address")
     p.add_argument("--url", help="callback URL (default: from --config, else http://127.0.0.1:8080/wechat)")
+    p.add_argument("--fingerprint", help="for an https URL: trust the box's certificate by its SHA-256 "
+                   "fingerprint (AB:CD:..., as the box's console shows it)")
     p.add_argument("--app-id")
     p.add_argument("--user", default="sim-user")
     p.add_argument("--mode", choices=["plain", "compat", "safe"], default="plain")

@@ -1,0 +1,28 @@
+# r1box in a container, for sites that prefer containers to the appliance image: the same runtime (Debian
+# bookworm's python3 and the runtime wheels only, no export stack), the same model artifact, the same /healthz.
+#
+#   docker build -t r1box --build-context model="$(.venv/bin/python -c 'from export.artifacts import cached_artifact; print(cached_artifact("qwen2.5-coder-0.5b-instruct"))')" .
+#   docker run -p 8080:8080 -v r1box-data:/var/lib/r1box -v "$PWD/config.toml:/etc/r1box/config.toml:ro" \
+#       --env-file secrets.env r1box
+FROM debian:bookworm-slim AS build
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv && rm -rf /var/lib/apt/lists/*
+COPY pyproject.toml README.md /src/
+COPY appliance /src/appliance
+COPY export /src/export
+RUN python3 -m venv /opt/r1box/venv && /opt/r1box/venv/bin/pip install --no-cache-dir /src
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends python3 ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --home-dir /var/lib/r1box --create-home --shell /usr/sbin/nologin r1box
+COPY --from=build /opt/r1box/venv /opt/r1box/venv
+COPY --from=model . /usr/share/r1box/model
+COPY firmware_image/config/config.toml /etc/r1box/config.toml
+ENV R1BOX_DATA=/var/lib/r1box PATH=/opt/r1box/venv/bin:$PATH
+USER r1box
+VOLUME /var/lib/r1box
+EXPOSE 8080 9464
+# the service listens beyond loopback, so it speaks TLS 1.3 (its self-signed certificate needs no check from inside)
+HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
+    CMD ["python3", "-c", "import json, ssl, urllib.request as u; assert json.load(u.urlopen('https://127.0.0.1:8080/healthz', timeout=4, context=ssl._create_unverified_context()))['status'] in ('ok', 'degraded')"]
+CMD ["r1box", "serve", "--config", "/etc/r1box/config.toml", "--artifact", "/usr/share/r1box/model", "--log-format", "json"]

@@ -1,0 +1,84 @@
+"""Talking to systemd when it runs the service (Type=notify): READY=1 once the model is loaded and the listener
+answers, WATCHDOG=1 from the event loop (so a hung loop gets the service restarted), STOPPING=1 on shutdown.
+
+A plain datagram to $NOTIFY_SOCKET, as sd_notify(3) describes; without that variable (a terminal, the tests) all of
+this does nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+
+from aiohttp import web
+
+from appliance.app_keys import CONFIG
+
+log = logging.getLogger(__name__)
+
+
+def notify(state: str) -> bool:
+    """Send one state line to systemd; False when not under systemd."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.connect(address)
+        sock.sendall(state.encode())
+    return True
+
+
+def watchdog_interval() -> float | None:
+    """Half the period systemd expects pings in (WatchdogSec=), or None when it expects none of this process."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
+
+
+async def _listening(host: str, port: int) -> None:
+    """Return once the service's own listener accepts a connection (it opens after every cleanup context)."""
+    target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    while True:
+        try:
+            _, writer = await asyncio.open_connection(target, port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.2)
+
+
+async def _ready_when_listening(host: str, port: int) -> None:
+    await _listening(host, port)
+    notify("READY=1\nSTATUS=serving")
+    log.info("told systemd the service is ready")
+
+
+async def _feed_watchdog(interval: float) -> None:
+    while True:
+        notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+async def systemd_ctx(app: web.Application):
+    """First in the cleanup contexts, so the watchdog is fed while the model loads."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        yield
+        return
+    server, interval = app[CONFIG].server, watchdog_interval()
+    tasks = [asyncio.create_task(_feed_watchdog(interval))] if interval else []
+    if server.port:  # an ephemeral port cannot be probed; nothing runs under systemd with one
+        tasks.append(asyncio.create_task(_ready_when_listening(server.host, server.port)))
+    yield
+    notify("STOPPING=1")
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
