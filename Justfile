@@ -94,24 +94,35 @@ install-gpu: install
     {{python}} -m pip install --quiet onnxruntime-gpu ".[gpu]"
 
 # the firmware image (x86-64 UEFI, A/B root slots, data and CONFIG partitions): `just image` or `just image arch=arm64`
-image ARCH="amd64": install image-tools
+image ARCH="amd64": install (image-tools trim_start_match(ARCH, "arch="))
     {{python}} -m firmware_image.images --arch "{{trim_start_match(ARCH, "arch=")}}"
 
 # boot the image in QEMU, wait for /healthz, answer a WeChat message; prints boot-to-healthy, keeps the serial log
-image-test: install image-tools
-    {{python}} -m firmware_image.boot_check --logs image-test-logs
+image-test ARCH="amd64": install (image-tools trim_start_match(ARCH, "arch="))
+    {{python}} -m firmware_image.boot_check --arch "{{trim_start_match(ARCH, "arch=")}}" --logs image-test-logs
 
-# what building and booting the image needs, from Debian (a no-op once installed)
+# what building and booting the image needs, from Debian (a no-op once installed); a foreign architecture also
+# needs qemu-user registered with binfmt_misc, for mmdebstrap's foreign root
 [private]
-image-tools:
+image-tools ARCH="amd64":
     #!/usr/bin/env bash
     set -euo pipefail
     tools=(mmdebstrap:mmdebstrap qemu-system-x86_64:qemu-system-x86 /usr/share/OVMF/OVMF_CODE_4M.fd:ovmf
            /usr/lib/systemd/boot/efi/linuxx64.efi.stub:systemd-boot-efi mcopy:mtools mkfs.vfat:dosfstools
            sfdisk:fdisk mkfs.ext4:e2fsprogs objcopy:binutils)
+    if [ "{{ARCH}}" = arm64 ]; then
+        tools+=(qemu-aarch64-static:qemu-user-static aarch64-linux-gnu-objcopy:binutils-aarch64-linux-gnu
+                qemu-system-aarch64:qemu-system-arm /usr/share/AAVMF/AAVMF_CODE.fd:qemu-efi-aarch64)
+    fi
     missing=()
     for t in "${tools[@]}"; do command -v "${t%%:*}" >/dev/null || [ -e "${t%%:*}" ] || missing+=("${t#*:}"); done
-    [ ${#missing[@]} -eq 0 ] && exit 0
-    echo "installing ${missing[*]} for the firmware image" >&2
-    [ "$(id -u)" -eq 0 ] || { echo "run as root, or: sudo apt-get install ${missing[*]}" >&2; exit 1; }
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "installing ${missing[*]} for the firmware image" >&2
+        [ "$(id -u)" -eq 0 ] || { echo "run as root, or: sudo apt-get install ${missing[*]}" >&2; exit 1; }
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    if [ "{{ARCH}}" = arm64 ] && ! grep -qs enabled /proc/sys/fs/binfmt_misc/qemu-aarch64; then
+        echo "registering qemu-aarch64 with binfmt_misc" >&2
+        [ -e /proc/sys/fs/binfmt_misc/register ] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+        cat /usr/lib/binfmt.d/qemu-aarch64.conf > /proc/sys/fs/binfmt_misc/register
+    fi

@@ -23,14 +23,15 @@ done
 [ -f "$artifact/manifest.json" ] || { echo "build.sh: --artifact must be an exported model directory" >&2; exit 2; }
 [ -n "$out" ] || { echo "build.sh: --out is required" >&2; exit 2; }
 case "$arch" in
-    amd64) efi_arch=x64 py_platform=x86_64 root_type=4f68bce3-e8cd-4db1-96e7-fbcaf984b709 console=ttyS0 ;;
-    arm64) efi_arch=aa64 py_platform=aarch64 root_type=b921b045-1df0-41c3-af44-4c6f280d3fae console=ttyAMA0 ;;
+    amd64) efi_arch=x64 py_platform=x86_64 root_type=4f68bce3-e8cd-4db1-96e7-fbcaf984b709 console=ttyS0 cross="" ;;
+    arm64) efi_arch=aa64 py_platform=aarch64 root_type=b921b045-1df0-41c3-af44-4c6f280d3fae console=ttyAMA0
+           cross=aarch64-linux-gnu- ;;
     *) echo "build.sh: arch must be amd64 or arm64" >&2; exit 2 ;;
 esac
-if [ "$arch" = arm64 ]; then
-    # not done yet: mmdebstrap needs qemu-user-static (binfmt) for the foreign chroot, objcopy an aarch64 PE
-    # target (binutils-aarch64-linux-gnu) for the kernel image, and the boot check qemu-system-aarch64
-    echo "build.sh: the arm64 image is not finished; build amd64" >&2
+if [ "$arch" != "$(dpkg --print-architecture)" ] && ! grep -qs enabled "/proc/sys/fs/binfmt_misc/qemu-$py_platform"; then
+    # mmdebstrap runs the foreign root's maintainer scripts through qemu-user, which binfmt_misc hands them to
+    echo "build.sh: a $arch root needs qemu-user-static registered with binfmt_misc: run \`just image arch=$arch\`," \
+         "which installs and registers it" >&2
     exit 2
 fi
 
@@ -92,8 +93,14 @@ cp -r "$artifact"/. "$work/root/usr/share/r1box/model/"
 chmod -R u=rwX,go=rX "$work/root/usr/share/r1box/model"  # the cache's files may be the builder's alone
 kernel=$(ls "$work"/root/boot/vmlinuz-* | sort -V | tail -1)
 initrd=$(ls "$work"/root/boot/initrd.img-* | sort -V | tail -1)
-"$here/uki.sh" "/usr/lib/systemd/boot/efi/linux$efi_arch.efi.stub" "$kernel" "$initrd" "$work/root/etc/os-release" \
-    "$work/root/usr/lib/r1box/r1box.efi"
+if [ "$(od -An -N2 -tx1 "$kernel" | tr -d ' ')" = 1f8b ]; then
+    # Debian's arm64 kernel is a gzipped Image; the stub loads the PE image inside it
+    zcat "$kernel" > "$work/vmlinux.efi"
+    kernel=$work/vmlinux.efi
+fi
+# the root's own stub (systemd-boot-efi of the same release as its systemd), so any build host will do
+CROSS=$cross "$here/uki.sh" "$work/root/usr/lib/systemd/boot/efi/linux$efi_arch.efi.stub" "$kernel" "$initrd" \
+    "$work/root/etc/os-release" "$work/root/usr/lib/r1box/r1box.efi"
 find "$work/root" -newermt "@$SOURCE_DATE_EPOCH" -print0 | xargs -0r touch -h -d "@$SOURCE_DATE_EPOCH"
 
 step "4/6 file systems: root (ext4, read-only slot), data (ext4), EFI and CONFIG (FAT)"

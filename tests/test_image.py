@@ -117,13 +117,13 @@ def test_update_is_kept_when_healthy_and_rolled_back_when_broken(image, tmp_path
 
         rc, out = vm.agent.run("r1box-update /dev/vdb --no-reboot", timeout=600)
         assert rc == 0, out
-        vm.agent.run("systemctl reboot --no-block")
+        vm.reboot()
         entries = vm.wait_for(lambda: booted("b", "r1box-b.conf"), 600, "slot b booted, healthy and marked good")
         assert "r1box-a.conf" in entries.split()  # the previous slot stays as the fallback
 
         rc, out = vm.agent.run("r1box-update /dev/vdc --no-reboot", timeout=600)
         assert rc == 0, out
-        vm.agent.run("systemctl reboot --no-block")
+        vm.reboot()
         entries = vm.wait_for(lambda: booted("b", "r1box-a+0-3.conf"), 900, "back on slot b after 3 failed tries")
         assert vm.serial().count("this slot is on trial; rebooting") == 3
         assert wechat_sim(vm, env, "还在吗") != LATER
