@@ -111,8 +111,9 @@ image-tools ARCH="amd64":
            /usr/lib/systemd/boot/efi/linuxx64.efi.stub:systemd-boot-efi mcopy:mtools mkfs.vfat:dosfstools
            sfdisk:fdisk mkfs.ext4:e2fsprogs objcopy:binutils)
     if [ "{{ARCH}}" = arm64 ]; then
-        tools+=(qemu-aarch64-static:qemu-user-static aarch64-linux-gnu-objcopy:binutils-aarch64-linux-gnu
-                qemu-system-aarch64:qemu-system-arm /usr/share/AAVMF/AAVMF_CODE.fd:qemu-efi-aarch64)
+        tools+=(qemu-aarch64-static:qemu-user-static arch-test:arch-test
+                aarch64-linux-gnu-objcopy:binutils-aarch64-linux-gnu qemu-system-aarch64:qemu-system-arm
+                /usr/share/AAVMF/AAVMF_CODE.fd:qemu-efi-aarch64)
     fi
     missing=()
     for t in "${tools[@]}"; do command -v "${t%%:*}" >/dev/null || [ -e "${t%%:*}" ] || missing+=("${t#*:}"); done

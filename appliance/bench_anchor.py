@@ -169,6 +169,7 @@ def main(argv=None) -> int:
         itls = [t * 1000 for x in runs for t in x["itl_s"]]
         made = len(r["rows"][0])
         decode_tps = (r["steps"] - 1) / r["decode_s"] if r["decode_s"] > 0 else None
+        decode_runs = [round((x["steps"] - 1) / x["decode_s"], 2) for x in runs if x["decode_s"] > 0]
         entry = {
             "prompt_tokens": int(ids.size),
             "ttft_ms": round(r["ttft_s"] * 1000, 2),
@@ -181,6 +182,7 @@ def main(argv=None) -> int:
             "decode_tokens": r["steps"] - 1,
             "decode_s": round(r["decode_s"], 4),
             "decode_tokens_per_s": round(decode_tps, 2) if decode_tps else None,
+            "decode_runs": decode_runs,
             "total_s": round(r["ttft_s"] + r["decode_s"], 4),
             "eos_in_output": any(t in eos for t in r["rows"][0]),
         }

@@ -1,6 +1,7 @@
 """The image in QEMU, for `just image-test` and tests/test_image.py: UEFI firmware (OVMF, or AAVMF for arm64), KVM
 when /dev/kvm works and TCG otherwise, user-mode networking with the service's port forwarded, the serial console in
-a file, and the QEMU guest agent to run commands inside the box (virtio-serial: a real box has no such port, so no such door).
+a file, and the QEMU guest agent to run commands inside the box (virtio-serial: a real box has no such port, so no
+such door).
 """
 
 from __future__ import annotations
@@ -199,7 +200,8 @@ class Vm:
         start = time.monotonic()
         while time.monotonic() - start < timeout:
             if self.process.poll() is not None:
-                raise RuntimeError(f"QEMU exited ({self.process.returncode}): {(self.workdir / 'qemu.log').read_text()}")
+                log = (self.workdir / "qemu.log").read_text()
+                raise RuntimeError(f"QEMU exited ({self.process.returncode}): {log}")
             health = self.healthz()
             if health and health["status"] == "ok":
                 return time.monotonic() - start

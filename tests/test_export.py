@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import onnx
 import pytest
@@ -93,10 +94,11 @@ def test_existing_output_is_not_overwritten(tiny_int4, tiny_hf_dir):
     assert (tiny_int4 / "manifest.json").is_file()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere, so an unwritable directory cannot be made")
 def test_unwritable_output(tiny_hf_dir, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
+    if os.geteuid() == 0:  # root writes past modes; sysfs refuses even root a new directory
+        locked = Path("/sys")
     with pytest.raises(ExportError, match="cannot write"):
         export_model(str(tiny_hf_dir), locked / "sub" / "art")
 
