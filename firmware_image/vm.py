@@ -13,13 +13,14 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
-import ssl
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
 
 @dataclass(frozen=True)
 class Machine:
