@@ -53,6 +53,11 @@ class ServerConfig:
         except ValueError:
             return False
 
+    @property
+    def own_address(self) -> str:
+        """Where this machine reaches the listener: loopback when it listens on every address."""
+        return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+
 
 @dataclass(frozen=True)
 class WeChatConfig:

@@ -44,10 +44,9 @@ def watchdog_interval() -> float | None:
 
 async def _listening(host: str, port: int) -> None:
     """Return once the service's own listener accepts a connection (it opens after every cleanup context)."""
-    target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     while True:
         try:
-            _, writer = await asyncio.open_connection(target, port)
+            _, writer = await asyncio.open_connection(host, port)
             writer.close()
             return
         except OSError:
@@ -74,7 +73,7 @@ async def systemd_ctx(app: web.Application):
     server, interval = app[CONFIG].server, watchdog_interval()
     tasks = [asyncio.create_task(_feed_watchdog(interval))] if interval else []
     if server.port:  # an ephemeral port cannot be probed; nothing runs under systemd with one
-        tasks.append(asyncio.create_task(_ready_when_listening(server.host, server.port)))
+        tasks.append(asyncio.create_task(_ready_when_listening(server.own_address, server.port)))
     yield
     notify("STOPPING=1")
     for task in tasks:
