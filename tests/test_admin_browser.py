@@ -33,6 +33,7 @@ def _browser():
 def _walk(url: str, shots: Path) -> dict:
     """Every page as an admin sees it; returns what the charts hold and what the console said."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as appears
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver = _browser()
@@ -43,6 +44,15 @@ def _walk(url: str, shots: Path) -> dict:
 
         def text(css: str) -> str:
             return driver.find_element(By.CSS_SELECTOR, css).text
+
+        def submit(button_id: str, then_css: str) -> str:
+            """Clicks a form's button and reads `then_css` on the page the POST leads to: a click returns before the
+            browser has navigated, so a plain find_element may still search (and miss on) the old page."""
+            button = driver.find_element(By.ID, button_id)
+            button.click()
+            wait = WebDriverWait(driver, 20)
+            wait.until(appears.staleness_of(button))
+            return wait.until(appears.presence_of_element_located((By.CSS_SELECTOR, then_css))).text
 
         driver.get(url + "/login")
         shot("login")
@@ -67,8 +77,7 @@ def _walk(url: str, shots: Path) -> dict:
         area = driver.find_element(By.ID, "words-0")
         area.clear()
         area.send_keys("违禁词\n新词")
-        driver.find_element(By.ID, "save-0").click()
-        found["words_saved"] = text("#notice")
+        found["words_saved"] = submit("save-0", "#notice")
         shot("words")
 
         driver.get(url + "/outbox")
@@ -77,8 +86,7 @@ def _walk(url: str, shots: Path) -> dict:
 
         driver.get(url + "/users")
         driver.find_element(By.ID, "new-key-name").send_keys("nightly-export")
-        driver.find_element(By.ID, "add-key").click()
-        found["new_key"] = text("#new-key")
+        found["new_key"] = submit("add-key", "#new-key")
         found["users"] = text("#users tbody")
         shot("users")
 
