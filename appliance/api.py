@@ -16,6 +16,7 @@ from aiohttp import web
 
 from appliance.app_keys import API_KEYS, CHAT
 from appliance.chat import Delta
+from appliance.config import is_loopback
 from appliance.engine import Finish
 from appliance.errors import EngineBusy, R1boxError, RequestError
 
@@ -51,9 +52,17 @@ async def errors_middleware(request: web.Request, handler):
 
 
 @web.middleware
-async def api_key_middleware(request: web.Request, handler):
+async def api_access_middleware(request: web.Request, handler):
+    """The API answers other machines only over TLS and with a key: a plain-HTTP listener beyond loopback
+    ([server] tls = "off", for WeChat callbacks behind a reverse proxy) serves /v1 to this machine alone."""
+    if not request.path.startswith("/v1/"):
+        return await handler(request)
+    if not request.secure and not is_loopback(request.remote):
+        return _error(403, "this listener speaks plain HTTP ([server] tls = \"off\"), so the API answers this "
+                      "machine only: call it on the box, or set tls = \"auto\" to reach it over TLS 1.3.",
+                      "permission_error")
     keys = request.app[API_KEYS]
-    if keys and request.path.startswith("/v1/"):
+    if keys:
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip().encode()
         if not any(hmac.compare_digest(given, k.encode()) for k in keys):
             return _error(401, "missing or wrong API key: send Authorization: Bearer <key>.", "authentication_error")

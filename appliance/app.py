@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from appliance.admin.server import admin_ctx
-from appliance.api import api_key_middleware, errors_middleware, routes
+from appliance.api import api_access_middleware, errors_middleware, routes
 from appliance.app_keys import API_KEYS, CHAT, CONFIG, METRICS, METRICS_PORT, STORE, WECHAT
 from appliance.chat import ChatService
 from appliance.config import Config, ModelConfig
@@ -170,7 +170,7 @@ async def _metrics_ctx(app: web.Application):
 
 def create_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.server.max_body_kb << 10,
-                          middlewares=[request_id_middleware, errors_middleware, api_key_middleware])
+                          middlewares=[request_id_middleware, errors_middleware, api_access_middleware])
     app[CONFIG] = config
     app[API_KEYS] = config.server.api_keys
     app[METRICS] = Metrics()

@@ -145,7 +145,7 @@ def cmd_serve(args) -> None:
                                        "model": {"artifact": args.artifact, "provider": args.provider}})
     setup_logging(args.log_format)
     ssl_context = None
-    if not config.server.loopback:  # beyond this machine the API speaks TLS 1.3, with the admin pages' certificate
+    if config.server.speaks_tls:  # TLS 1.3, with the admin pages' certificate
         from appliance.admin.tls import server_context
 
         ssl_context, _ = server_context(config.admin.cert, config.admin.key, config.store.file.parent / "admin-tls")
@@ -200,8 +200,7 @@ def cmd_wechat_sim(args) -> None:
         w, server = (config.wecom if args.wecom else config.wechat), config.server
         app_id = args.app_id or (w.corp_id if args.wecom else w.app_id)
         token, key = w.token, w.encoding_aes_key
-        scheme = "http" if server.loopback else "https"  # beyond loopback the box speaks TLS 1.3 only
-        url = args.url or f"{scheme}://{server.host}:{server.port}{w.path}"
+        url = args.url or f"{server.scheme}://{server.host}:{server.port}{w.path}"
     else:
         app_id = args.app_id
         url = args.url or f"http://127.0.0.1:8080/{'wecom' if args.wecom else 'wechat'}"

@@ -18,6 +18,18 @@ from appliance.engine import EngineConfig
 from appliance.errors import ConfigError
 
 
+def is_loopback(host: str | None) -> bool:
+    """Whether an address (a listener's or a peer's) is this machine's loopback, IPv4 seen through IPv6 included."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host or "")
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     artifact: str = ""  # an exported artifact directory; empty: `name` from the cache, exported on first use
@@ -38,20 +50,28 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_kb: int = 256
+    # auto: TLS 1.3 when listening beyond loopback; on: always; off: plain HTTP for WeChat callbacks behind the
+    # office's reverse proxy, and then the API answers this machine only (appliance/api.py)
+    tls: str = "auto"
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # from R1BOX_API_KEYS only, never the file
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be between 0 and 65535")
+        if self.tls not in ("auto", "on", "off"):
+            raise ValueError('tls must be "auto", "on" or "off"')
 
     @property
     def loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback(self.host)
+
+    @property
+    def speaks_tls(self) -> bool:
+        return self.tls == "on" or (self.tls == "auto" and not self.loopback)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.speaks_tls else "http"
 
     @property
     def own_address(self) -> str:

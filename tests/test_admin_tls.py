@@ -1,7 +1,8 @@
 """TLS on the real service: the admin listener (started by the app like the metrics one) speaks TLS 1.3 only,
 with a self-signed certificate made at first start whose logged fingerprint is the one served, or the configured
-certificate; the local API speaks TLS 1.3 when bound beyond loopback. The first admin comes from the CLI, with the
-password on stdin."""
+certificate; the service port speaks TLS 1.3 when bound beyond loopback, or plain HTTP when told to ([server]
+tls = "off", for callbacks behind a reverse proxy), and then its API answers this machine only. The first admin
+comes from the CLI, with the password on stdin."""
 
 import asyncio
 import getpass
@@ -118,3 +119,44 @@ def test_the_api_beyond_loopback_speaks_tls13(tiny_fp32, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _this_machines_lan_address() -> str:
+    """The address other machines reach this one by: the source of the default route (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))
+        return probe.getsockname()[0]
+
+
+async def test_tls_off_serves_callbacks_in_plain_http_and_the_api_to_this_machine_only(aiohttp_client, tiny_fp32,
+                                                                                        tmp_path, monkeypatch):
+    monkeypatch.setenv("R1BOX_API_KEYS", "plain-test-key")
+    config = load_config(write_config(tmp_path, tiny_fp32, '[server]\nhost = "0.0.0.0"\ntls = "off"\n'))
+    assert config.server.scheme == "http" and not config.server.speaks_tls
+    client = await aiohttp_client(create_app(config), server_kwargs={"host": "0.0.0.0"})
+    lan, key = _this_machines_lan_address(), {"Authorization": "Bearer plain-test-key"}
+    assert not lan.startswith("127."), lan
+    async with aiohttp.ClientSession() as elsewhere:  # a peer on the office network, as the reverse proxy is
+        assert (await elsewhere.get(f"http://{lan}:{client.port}/healthz")).status == 200
+        refused = await elsewhere.get(f"http://{lan}:{client.port}/v1/models", headers=key)
+        assert refused.status == 403 and 'tls = \\"auto\\"' in await refused.text()
+    assert (await client.get("/v1/models")).status == 401  # this machine: the key is still asked for
+    assert (await client.get("/v1/models", headers=key)).status == 200
+
+
+@pytest.mark.parametrize("host, tls, scheme", [("127.0.0.1", "auto", "http"), ("0.0.0.0", "auto", "https"),
+                                               ("127.0.0.1", "on", "https"), ("::", "off", "http")])
+def test_where_the_service_port_speaks_tls(tmp_path, monkeypatch, host, tls, scheme):
+    monkeypatch.setenv("R1BOX_API_KEYS", "k")
+    path = tmp_path / "r1box.toml"
+    path.write_text(f'[server]\nhost = "{host}"\ntls = "{tls}"\n')
+    assert load_config(path).server.scheme == scheme
+
+
+@pytest.mark.parametrize("peer, loopback", [("127.0.0.1", True), ("127.5.0.1", True), ("::1", True),
+                                            ("::ffff:127.0.0.1", True), ("localhost", True), ("10.1.2.3", False),
+                                            ("::ffff:10.1.2.3", False), ("", False), (None, False)])
+def test_peers_on_this_machine(peer, loopback):
+    from appliance.config import is_loopback
+
+    assert is_loopback(peer) is loopback

@@ -30,6 +30,8 @@ def test_defaults_and_overrides(tmp_path):
     ("[engine]\nmax_batch = 0\n", "max_batch must be between 1 and 64"),
     ("[model]\nprovider = \"tpu\"\n", "provider must be auto, cpu or cuda"),
     ("[server]\napi_keys = [\"in-the-file\"]\n", "unknown key 'api_keys'"),
+    ("[server]\ntls = true\n", "tls must be a str"),
+    ("[server]\ntls = \"tls1.2\"\n", 'tls must be "auto", "on" or "off"'),
 ])
 def test_mistakes_are_named(tmp_path, text, fragment):
     with pytest.raises(ConfigError, match=None) as err:
