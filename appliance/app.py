@@ -14,10 +14,10 @@ from appliance.admin.server import admin_ctx
 from appliance.api import api_access_middleware, errors_middleware, routes
 from appliance.app_keys import API_KEYS, CHAT, CONFIG, METRICS, METRICS_PORT, STORE, WECHAT
 from appliance.chat import ChatService
-from appliance.config import Config, ModelConfig
+from appliance.config import Config, EngineConfig, ModelConfig
 from appliance.dialog.engine import Dialog
 from appliance.dialog.filter import WordFilter
-from appliance.engine import Engine, EngineConfig
+from appliance.engine import Engine
 from appliance.errors import ConfigError
 from appliance.gpu_preflight import nvidia_preflight
 from appliance.logs import request_id_middleware

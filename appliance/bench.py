@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.engine import Engine, EngineConfig, Finish
+from appliance.config import EngineConfig
+from appliance.engine import Engine, Finish
 from appliance.manifest import load_manifest
 from appliance.model import Decoder, default_threads
 from appliance.sampling import SamplingParams

@@ -64,8 +64,7 @@ def _int8_layers(flag: str | None, source: str) -> tuple[str, ...]:
 
 def _open_chat(artifact: str | None, max_tokens: int):
     from appliance.app import open_chat
-    from appliance.config import ModelConfig
-    from appliance.engine import EngineConfig
+    from appliance.config import EngineConfig, ModelConfig
 
     if artifact is None:
         _export_stage()
@@ -151,6 +150,22 @@ def cmd_serve(args) -> None:
         ssl_context, _ = server_context(config.admin.cert, config.admin.key, config.store.file.parent / "admin-tls")
     web.run_app(create_app(config), host=config.server.host, port=config.server.port, ssl_context=ssl_context,
                 print=None)
+
+
+def cmd_health(args) -> None:
+    """Exit 0 when the service on this machine answers healthy (ok or degraded): for HEALTHCHECKs and scripts."""
+    import json
+
+    from appliance import health
+    from appliance.config import load_config
+
+    config = load_config(args.config, {"server": {"port": args.port}})
+    answer = health.wait(config.server, args.wait, every_s=1.0)
+    if not health.healthy(answer):
+        said = f" (it said {json.dumps(answer)})" if answer else ""
+        raise R1boxError(f"no healthy answer from {health.base_url(config.server)}/healthz{said}; is r1box serve "
+                         "running? See its log (journalctl -u r1box on the box).")
+    print(json.dumps(answer, ensure_ascii=False))
 
 
 def cmd_admin_add_user(args) -> None:
@@ -287,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
                    help="auto: readable on a terminal, JSON lines otherwise (the journal)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("health", help="ask the service on this machine for its /healthz; exit 0 when healthy")
+    p.add_argument("--config", help="the service's TOML configuration (where it listens, and whether over TLS)")
+    p.add_argument("--port", type=int)
+    p.add_argument("--wait", type=float, default=0, help="keep asking this many seconds for a first answer")
+    p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("admin", help="admin pages: users")
     admin = p.add_subparsers(dest="admin_command", required=True)

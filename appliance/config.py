@@ -13,8 +13,6 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.dialog.engine import DialogConfig
-from appliance.engine import EngineConfig
 from appliance.errors import ConfigError
 
 
@@ -43,6 +41,43 @@ class ModelConfig:
             raise ValueError("provider must be auto, cpu or cuda")
         if self.threads < 0:
             raise ValueError("threads must be 0 (all) or positive")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 8  # running sequences = cache slots
+    max_waiting: int = 64  # beyond this a request is refused as busy
+    max_length: int = 4096  # prompt + answer, per sequence
+    prefill_chunk: int = 256  # prompt tokens per pass, between two decode steps of the running streams
+    prefix_cache_mb: int = 256
+    think_budget: int = 1024  # reasoning tokens before </think> is forced; 0: no limit
+
+    def __post_init__(self):
+        if not 1 <= self.max_batch <= 64:
+            raise ValueError("max_batch must be between 1 and 64")
+        if self.max_waiting < 0 or self.max_length < 16 or self.prefill_chunk < 1 or self.prefix_cache_mb < 0:
+            raise ValueError("max_waiting ≥ 0, max_length ≥ 16, prefill_chunk ≥ 1, prefix_cache_mb ≥ 0")
+
+
+@dataclass(frozen=True)
+class DialogConfig:
+    system_prompt: str = "你是本网点的智能助理，请用简洁、礼貌的中文回答客户的问题。"
+    memory_turns: int = 5  # earlier user/assistant pairs kept in the prompt
+    memory_minutes: int = 30  # older turns are forgotten
+    memory_tokens: int = 1500  # and the oldest go first when the kept turns exceed this many tokens
+    max_tokens: int = 1024
+    rate_per_minute: int = 10  # questions per user per minute; more get rate_limited_reply
+    rate_limited_reply: str = "您发送得太快了，请稍等一分钟再问。"
+    blocked_reply: str = "抱歉，这个问题我无法回答。"
+    help_text: str = "直接发送问题即可。发送“#清除记忆”开始新的对话，回答较长时发送“继续”查看后续。"
+    welcome: str = "您好，欢迎关注！我是本网点的智能助理，有问题请直接发消息给我。"
+    reset_reply: str = "好的，之前的对话已清除。"
+    word_lists: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if min(self.memory_turns, self.memory_minutes, self.memory_tokens, self.rate_per_minute) < 0 \
+                or self.max_tokens < 1:
+            raise ValueError("memory_turns, memory_minutes, memory_tokens, rate_per_minute ≥ 0 and max_tokens ≥ 1")
 
 
 @dataclass(frozen=True)

@@ -23,28 +23,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from appliance.config import EngineConfig
 from appliance.errors import EngineBusy, RequestError
 from appliance.model import Decoder
 from appliance.prefix_cache import PrefixCache
 from appliance.sampling import Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_batch: int = 8  # running sequences = cache slots
-    max_waiting: int = 64  # beyond this a request is refused as busy
-    max_length: int = 4096  # prompt + answer, per sequence
-    prefill_chunk: int = 256  # prompt tokens per pass, between two decode steps of the running streams
-    prefix_cache_mb: int = 256
-    think_budget: int = 1024  # reasoning tokens before </think> is forced; 0: no limit
-
-    def __post_init__(self):
-        if not 1 <= self.max_batch <= 64:
-            raise ValueError("max_batch must be between 1 and 64")
-        if self.max_waiting < 0 or self.max_length < 16 or self.prefill_chunk < 1 or self.prefix_cache_mb < 0:
-            raise ValueError("max_waiting ≥ 0, max_length ≥ 16, prefill_chunk ≥ 1, prefix_cache_mb ≥ 0")
 
 
 @dataclass

@@ -80,10 +80,9 @@ async def test_commands_and_filter_hits_from_the_dialog_reach_the_dashboard(tiny
     import datetime as dt
 
     from appliance.app import open_chat
-    from appliance.config import ModelConfig
-    from appliance.dialog.engine import Dialog, DialogConfig
+    from appliance.config import DialogConfig, EngineConfig, ModelConfig
+    from appliance.dialog.engine import Dialog
     from appliance.dialog.filter import WordFilter
-    from appliance.engine import EngineConfig
     from appliance.store import Store
 
     chat = open_chat(ModelConfig(artifact=str(tiny_fp32), threads=1), EngineConfig(max_batch=1, max_length=256))

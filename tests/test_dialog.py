@@ -8,10 +8,9 @@ import time
 import pytest
 
 from appliance.app import open_chat
-from appliance.config import ModelConfig
-from appliance.dialog.engine import Dialog, DialogConfig, _recent_turns
+from appliance.config import DialogConfig, EngineConfig, ModelConfig
+from appliance.dialog.engine import Dialog, _recent_turns
 from appliance.dialog.filter import WordFilter
-from appliance.engine import EngineConfig
 from appliance.store import Store
 
 

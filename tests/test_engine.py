@@ -5,7 +5,8 @@ import asyncio
 
 import pytest
 
-from appliance.engine import Engine, EngineConfig, Finish
+from appliance.config import EngineConfig
+from appliance.engine import Engine, Finish
 from appliance.errors import EngineBusy, RequestError
 from appliance.generate import generate
 from appliance.manifest import load_manifest

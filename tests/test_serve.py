@@ -1,5 +1,5 @@
 """`r1box serve` as a process, the way the appliance runs it: it comes up healthy, answers a message sent by
-`r1box wechat-sim`, and stops cleanly on SIGTERM."""
+`r1box wechat-sim`, and stops cleanly on SIGTERM; `r1box health` says so, before and after."""
 
 import base64
 import json
@@ -41,6 +41,9 @@ def test_serve_answers_wechat_sim_and_stops_on_sigterm(tiny_fp32, tmp_path):
                 assert server.poll() is None, server.stdout.read()
                 time.sleep(0.1)
         assert health and health["status"] == "ok"
+        checked = subprocess.run([sys.executable, "-m", "appliance.cli", "health", "--config", str(config)], env=env,
+                                 capture_output=True, text=True, timeout=60)
+        assert checked.returncode == 0 and json.loads(checked.stdout)["queue"]["slots"] == 2, checked.stderr
         for mode in ("plain", "safe"):
             sim = subprocess.run([sys.executable, "-m", "appliance.cli", "wechat-sim", "你好", "--app-id",
                                   "wx-serve-test", "--mode", mode, "--url", f"http://127.0.0.1:{port}/wechat"],
@@ -62,6 +65,9 @@ def test_serve_answers_wechat_sim_and_stops_on_sigterm(tiny_fp32, tmp_path):
         server.send_signal(signal.SIGTERM)
         output = server.communicate(timeout=30)[0]
     assert server.returncode == 0, output
+    gone = subprocess.run([sys.executable, "-m", "appliance.cli", "health", "--config", str(config), "--wait", "1"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert gone.returncode == 1 and f"no healthy answer from http://127.0.0.1:{port}/healthz" in gone.stderr
     assert "serve-token" not in output  # secrets never in logs
     records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]  # not a tty: JSON lines
     answered = [r for r in records if r["msg"] == "answered"]

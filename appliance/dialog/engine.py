@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass
 
 from appliance import audit
 from appliance.chat import ChatService
+from appliance.config import DialogConfig
 from appliance.dialog.filter import WordFilter
 from appliance.dialog.wechat_text import plain_text
 from appliance.engine import Finish
@@ -30,27 +30,6 @@ HIDE_REASONING = {"#隐藏思考", "#think off", "/think off"}
 # each spelling of a command under one name, for the dashboard's top commands
 COMMAND_NAMES = {**dict.fromkeys(RESET_COMMANDS, "reset"), **dict.fromkeys(HELP_COMMANDS, "help"),
                  **dict.fromkeys(SHOW_REASONING, "think_on"), **dict.fromkeys(HIDE_REASONING, "think_off")}
-
-
-@dataclass(frozen=True)
-class DialogConfig:
-    system_prompt: str = "你是本网点的智能助理，请用简洁、礼貌的中文回答客户的问题。"
-    memory_turns: int = 5  # earlier user/assistant pairs kept in the prompt
-    memory_minutes: int = 30  # older turns are forgotten
-    memory_tokens: int = 1500  # and the oldest go first when the kept turns exceed this many tokens
-    max_tokens: int = 1024
-    rate_per_minute: int = 10  # questions per user per minute; more get rate_limited_reply
-    rate_limited_reply: str = "您发送得太快了，请稍等一分钟再问。"
-    blocked_reply: str = "抱歉，这个问题我无法回答。"
-    help_text: str = "直接发送问题即可。发送“#清除记忆”开始新的对话，回答较长时发送“继续”查看后续。"
-    welcome: str = "您好，欢迎关注！我是本网点的智能助理，有问题请直接发消息给我。"
-    reset_reply: str = "好的，之前的对话已清除。"
-    word_lists: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        if min(self.memory_turns, self.memory_minutes, self.memory_tokens, self.rate_per_minute) < 0 \
-                or self.max_tokens < 1:
-            raise ValueError("memory_turns, memory_minutes, memory_tokens, rate_per_minute ≥ 0 and max_tokens ≥ 1")
 
 
 class Dialog:

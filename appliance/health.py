@@ -1,0 +1,45 @@
+"""Asking the service how it is, from the machine it runs on. The image's boot check (r1box-health), the
+container's HEALTHCHECK and `r1box health` all ask through here, so they agree with the service on where it listens
+and whether it speaks TLS ([server] host, port and tls). Standard library only: a HEALTHCHECK runs every few seconds."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+import urllib.request
+from collections.abc import Callable
+
+from appliance.config import ServerConfig
+
+
+def base_url(server: ServerConfig) -> str:
+    host = server.own_address
+    return f"{server.scheme}://{f'[{host}]' if ':' in host else host}:{server.port}"
+
+
+def probe(server: ServerConfig, timeout_s: float = 5.0) -> dict | None:
+    """/healthz's answer, or None when nothing answers. The box asks itself over loopback, so its own (often
+    self-signed) certificate needs no check here; a client elsewhere pins it by fingerprint."""
+    own_certificate = ssl.create_default_context()
+    own_certificate.check_hostname, own_certificate.verify_mode = False, ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(base_url(server) + "/healthz", timeout=timeout_s, context=own_certificate) as r:
+            return json.load(r)
+    except (OSError, ValueError):  # refused, timed out, a 5xx, or not JSON
+        return None
+
+
+def healthy(answer: dict | None) -> bool:
+    return bool(answer) and answer.get("status") in ("ok", "degraded")
+
+
+def wait(server: ServerConfig, timeout_s: float, give_up: Callable[[], bool] = lambda: False,
+         every_s: float = 2.0) -> dict | None:
+    """Asks until the service answers, `timeout_s` passes or `give_up()` says it never will (a failed unit)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answer = probe(server)
+        if answer is not None or time.monotonic() >= deadline or give_up():
+            return answer
+        time.sleep(every_s)
