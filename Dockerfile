@@ -2,8 +2,11 @@
 # bookworm's python3 and the runtime wheels only, no export stack), the same model artifact, the same /healthz.
 #
 #   docker build -t r1box --build-context model="$(.venv/bin/python -c 'from export.artifacts import cached_artifact; print(cached_artifact("qwen2.5-coder-0.5b-instruct"))')" .
-#   docker run -p 8080:8080 -v r1box-data:/var/lib/r1box -v "$PWD/config.toml:/etc/r1box/config.toml:ro" \
-#       --env-file secrets.env r1box
+#   docker run -p 8080:8080 -p 8443:8443 -p 9464:9464 -v r1box-data:/var/lib/r1box \
+#       -v "$PWD/config.toml:/etc/r1box/config.toml:ro" --env-file secrets.env r1box
+#   docker exec -it CONTAINER r1box admin add-user alice --role admin --config /etc/r1box/config.toml
+# config.toml and secrets.env: as on the appliance's CONFIG drive (firmware_image/config/); secrets.env must set
+# R1BOX_API_KEYS, since the service listens beyond the container's loopback.
 FROM debian:bookworm-slim AS build
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md /src/
@@ -21,7 +24,7 @@ COPY firmware_image/config/config.toml /etc/r1box/config.toml
 ENV R1BOX_DATA=/var/lib/r1box PATH=/opt/r1box/venv/bin:$PATH
 USER r1box
 VOLUME /var/lib/r1box
-EXPOSE 8080 9464
+EXPOSE 8080 8443 9464
 # the same check as the appliance's: where [server] says the service listens, over TLS when it speaks it
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["r1box", "health", "--config", "/etc/r1box/config.toml"]

@@ -9,6 +9,7 @@ same decode speed. Quantizing the embedding Gather too keeps the 1.5B under 1.3 
 from __future__ import annotations
 
 import logging
+import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -86,5 +87,9 @@ def quantize(model: onnx.ModelProto, out_graph: Path, config: QuantConfig) -> di
 
 
 def _save(model: onnx.ModelProto, out_graph: Path) -> None:
+    data = out_graph.with_name(out_graph.name + ".data")
     onnx.save_model(model, str(out_graph), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=out_graph.name + ".data", size_threshold=1024)
+                    location=data.name, size_threshold=1024)
+    # onnx creates the weights file for its owner alone (0600); an artifact is read by other users (the service's,
+    # a container's), so it gets the graph's mode, which the umask made
+    shutil.copymode(out_graph, data)

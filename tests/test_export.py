@@ -61,6 +61,15 @@ def test_sha256_entries_match_the_files(tiny_int4):
         assert (tiny_int4 / name).stat().st_size == entry["size"]
 
 
+def test_every_file_is_readable_by_the_service_user(tiny_int4):
+    """The service runs as its own user (the image's, a container's): every file of the artifact gets the mode the
+    umask gives, the weights too (onnx writes them for their owner alone)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tiny_int4.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+
+
 def test_fp32_artifact_matches_torch_exactly(tiny_fp32):
     parity = read_manifest(tiny_fp32)["parity"]
     assert parity["agreement"] == 1.0
