@@ -1,4 +1,6 @@
-"""The one configuration path: a TOML file, then command-line flags, into frozen dataclasses.
+"""The one configuration path: a TOML file, then command-line flags, into frozen dataclasses. Every section's
+dataclass lives here and this module imports no model runtime, so reading the configuration stays cheap (the health
+check reads it every few seconds).
 
 The environment carries only secrets and paths (R1BOX_API_KEYS, R1BOX_CACHE). An unknown key, a wrong type or a
 bad value is refused with the key's name, so a typo never silently falls back to a default.

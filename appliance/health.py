@@ -1,6 +1,7 @@
 """Asking the service how it is, from the machine it runs on. The image's boot check (r1box-health), the
 container's HEALTHCHECK and `r1box health` all ask through here, so they agree with the service on where it listens
-and whether it speaks TLS ([server] host, port and tls). Standard library only: a HEALTHCHECK runs every few seconds."""
+and whether it speaks TLS ([server] host, port and tls). It imports no model runtime: a HEALTHCHECK runs every few
+seconds."""
 
 from __future__ import annotations
 
