@@ -159,7 +159,7 @@ def cmd_health(args) -> None:
     from appliance import health
     from appliance.config import load_config
 
-    config = load_config(args.config, {"server": {"port": args.port}})
+    config = load_config(args.config, {"server": {"port": args.port}}, secrets=False)
     answer = health.wait(config.server, args.wait, every_s=1.0)
     if not health.healthy(answer):
         said = f" (it said {json.dumps(answer)})" if answer else ""

@@ -246,8 +246,11 @@ _SECRETS = {"wechat": ("R1BOX_WECHAT", ("token", "encoding_aes_key", "previous_e
             "wecom": ("R1BOX_WECOM", ("token", "encoding_aes_key", "previous_encoding_aes_key", "corp_secret"))}
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, dict] | None = None) -> Config:
-    """Read the TOML file (None: defaults only), apply flag overrides ({"server": {"port": 9000}}), validate."""
+def load_config(path: str | Path | None = None, overrides: dict[str, dict] | None = None, *,
+                secrets: bool = True) -> Config:
+    """Read the TOML file (None: defaults only), apply flag overrides ({"server": {"port": 9000}}), validate.
+    secrets=False, for a tool that only asks where the service is (a health check, outside the service's
+    environment): the secrets the service needs are neither read nor required."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -271,6 +274,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict] | Non
         sections[name] = _build(cls, table, f"{where} [{name}]")
     keys = tuple(k.strip() for k in os.environ.get("R1BOX_API_KEYS", "").split(",") if k.strip())
     server = dataclasses.replace(sections["server"], api_keys=keys)
+    if not secrets:
+        return Config(**{**sections, "server": server})
     if not server.loopback and not server.api_keys:
         raise ConfigError(f"{where} [server]: host {server.host} is reachable from other machines, so the API "
                           "needs keys: set R1BOX_API_KEYS=key1,key2 in the service's environment, or bind 127.0.0.1.")

@@ -49,6 +49,7 @@ def test_wide_binding_needs_api_keys_from_the_environment(tmp_path, monkeypatch)
     monkeypatch.delenv("R1BOX_API_KEYS", raising=False)
     with pytest.raises(ConfigError, match="R1BOX_API_KEYS"):
         load_config(path)
+    assert load_config(path, secrets=False).server.host == "0.0.0.0"  # a health check asks only where it listens
     monkeypatch.setenv("R1BOX_API_KEYS", "secret-1")
     config = load_config(path)
     assert config.server.api_keys == ("secret-1",) and "secret-1" not in repr(config)
