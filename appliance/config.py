@@ -272,10 +272,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict] | Non
         table = dict(raw.get(name, {}))
         table.update({k: v for k, v in (overrides or {}).get(name, {}).items() if v is not None})
         sections[name] = _build(cls, table, f"{where} [{name}]")
+    if not secrets:
+        return Config(**sections)
     keys = tuple(k.strip() for k in os.environ.get("R1BOX_API_KEYS", "").split(",") if k.strip())
     server = dataclasses.replace(sections["server"], api_keys=keys)
-    if not secrets:
-        return Config(**{**sections, "server": server})
     if not server.loopback and not server.api_keys:
         raise ConfigError(f"{where} [server]: host {server.host} is reachable from other machines, so the API "
                           "needs keys: set R1BOX_API_KEYS=key1,key2 in the service's environment, or bind 127.0.0.1.")

@@ -53,6 +53,7 @@ def test_wide_binding_needs_api_keys_from_the_environment(tmp_path, monkeypatch)
     monkeypatch.setenv("R1BOX_API_KEYS", "secret-1")
     config = load_config(path)
     assert config.server.api_keys == ("secret-1",) and "secret-1" not in repr(config)
+    assert load_config(path, secrets=False).server.api_keys == ()  # not even read
 
 
 def test_the_example_file_is_the_defaults():
