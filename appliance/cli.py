@@ -163,7 +163,7 @@ def cmd_health(args) -> None:
     answer = health.wait(config.server, args.wait, every_s=1.0)
     if not health.healthy(answer):
         said = f" (it said {json.dumps(answer)})" if answer else ""
-        raise R1boxError(f"no healthy answer from {health.base_url(config.server)}/healthz{said}; is r1box serve "
+        raise R1boxError(f"no healthy answer from {config.server.own_url}/healthz{said}; is r1box serve "
                          "running? See its log (journalctl -u r1box on the box).")
     print(json.dumps(answer, ensure_ascii=False))
 
@@ -215,7 +215,7 @@ def cmd_wechat_sim(args) -> None:
         w, server = (config.wecom if args.wecom else config.wechat), config.server
         app_id = args.app_id or (w.corp_id if args.wecom else w.app_id)
         token, key = w.token, w.encoding_aes_key
-        url = args.url or f"{server.scheme}://{server.host}:{server.port}{w.path}"
+        url = args.url or server.own_url + w.path
     else:
         app_id = args.app_id
         url = args.url or f"http://127.0.0.1:8080/{'wecom' if args.wecom else 'wechat'}"

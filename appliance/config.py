@@ -115,6 +115,12 @@ class ServerConfig:
         """Where this machine reaches the listener: loopback when it listens on every address."""
         return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
 
+    @property
+    def own_url(self) -> str:
+        """The listener as this machine reaches it, in the scheme it speaks (https://127.0.0.1:8080)."""
+        host = self.own_address
+        return f"{self.scheme}://{f'[{host}]' if ':' in host else host}:{self.port}"
+
 
 @dataclass(frozen=True)
 class WeChatConfig:
@@ -197,7 +203,7 @@ class AdminConfig:
 
     @property
     def loopback(self) -> bool:
-        return ServerConfig(host=self.host).loopback
+        return is_loopback(self.host)
 
 
 @dataclass(frozen=True)

@@ -14,18 +14,14 @@ from collections.abc import Callable
 from appliance.config import ServerConfig
 
 
-def base_url(server: ServerConfig) -> str:
-    host = server.own_address
-    return f"{server.scheme}://{f'[{host}]' if ':' in host else host}:{server.port}"
-
-
-def probe(server: ServerConfig, timeout_s: float = 5.0) -> dict | None:
-    """/healthz's answer, or None when nothing answers. The box asks itself over loopback, so its own (often
-    self-signed) certificate needs no check here; a client elsewhere pins it by fingerprint."""
+def probe(base_url: str, timeout_s: float = 5.0) -> dict | None:
+    """/healthz's answer at base_url (a ServerConfig's own_url), or None when nothing answers. This asks the box's
+    own listener, so its (often self-signed) certificate needs no check here; a client elsewhere pins it by
+    fingerprint."""
     own_certificate = ssl.create_default_context()
     own_certificate.check_hostname, own_certificate.verify_mode = False, ssl.CERT_NONE
     try:
-        with urllib.request.urlopen(base_url(server) + "/healthz", timeout=timeout_s, context=own_certificate) as r:
+        with urllib.request.urlopen(base_url + "/healthz", timeout=timeout_s, context=own_certificate) as r:
             return json.load(r)
     except (OSError, ValueError):  # refused, timed out, a 5xx, or not JSON
         return None
@@ -40,7 +36,7 @@ def wait(server: ServerConfig, timeout_s: float, give_up: Callable[[], bool] = l
     """Asks until the service answers, `timeout_s` passes or `give_up()` says it never will (a failed unit)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        answer = probe(server)
+        answer = probe(server.own_url)
         if answer is not None or time.monotonic() >= deadline or give_up():
             return answer
         time.sleep(every_s)
