@@ -11,23 +11,23 @@ import aiohttp
 from aiohttp import web
 
 from appliance.admin.server import admin_ctx
-from appliance.api import api_access_middleware, errors_middleware, routes
+from appliance.model.api import api_access_middleware, errors_middleware, routes
 from appliance.app_keys import API_KEYS, CHAT, CONFIG, METRICS, METRICS_PORT, STORE, WECHAT
-from appliance.chat import ChatService
+from appliance.model.chat import ChatService
 from appliance.config import Config, EngineConfig, ModelConfig
 from appliance.dialog.engine import Dialog
 from appliance.dialog.filter import WordFilter
-from appliance.engine import Engine
+from appliance.model.engine import Engine
 from appliance.errors import ConfigError
-from appliance.gpu_preflight import nvidia_preflight
-from appliance.logs import request_id_middleware
-from appliance.manifest import load_manifest
-from appliance.metrics import EngineCollector, GpuCollector, Metrics, WeChatCollector
-from appliance.model import Decoder, open_decoder
-from appliance.retention import run_forever as run_retention
-from appliance.store import Store
-from appliance.systemd import systemd_ctx
-from appliance.tokenizer import ChatTokenizer
+from appliance.model.gpu_preflight import nvidia_preflight
+from appliance.ops.logs import request_id_middleware
+from appliance.model.manifest import load_manifest
+from appliance.ops.metrics import EngineCollector, GpuCollector, Metrics, WeChatCollector
+from appliance.model.decoder import Decoder, open_decoder
+from appliance.store.retention import run_forever as run_retention
+from appliance.store.database import Store
+from appliance.ops.systemd import systemd_ctx
+from appliance.model.tokenizer import ChatTokenizer
 from appliance.wechat.callback import Callbacks
 from appliance.wechat.client import Credentials, TokenManager, WeChatClient
 from appliance.wechat.outbox import Outbox

@@ -2,10 +2,10 @@
 
 from aiohttp import web
 
-from appliance.chat import ChatService
+from appliance.model.chat import ChatService
 from appliance.config import Config
-from appliance.metrics import Metrics
-from appliance.store import Store
+from appliance.ops.metrics import Metrics
+from appliance.store.database import Store
 from appliance.wechat.service import WeChatService
 
 CONFIG = web.AppKey("config", Config)

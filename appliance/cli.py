@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from appliance import store_commands
+from appliance.store import commands as store_commands
 from appliance.errors import R1boxError
 
 EXPORT_EXTRA = "this command needs the export stage: pip install 'r1box[export]'"
@@ -74,7 +74,7 @@ def _open_chat(artifact: str | None, max_tokens: int):
 
 
 async def _print_reply(chat, messages: list[dict], params, show_reasoning: bool) -> str:
-    from appliance.engine import Finish
+    from appliance.model.engine import Finish
 
     content, thinking = [], False
     async for item in chat.reply(messages, params):
@@ -138,7 +138,7 @@ def cmd_serve(args) -> None:
 
     from appliance.app import create_app
     from appliance.config import load_config
-    from appliance.logs import setup_logging
+    from appliance.ops.logs import setup_logging
 
     config = load_config(args.config, {"server": {"host": args.host, "port": args.port},
                                        "model": {"artifact": args.artifact, "provider": args.provider}})
@@ -156,7 +156,7 @@ def cmd_health(args) -> None:
     """Exit 0 when the service on this machine answers healthy (ok or degraded): for HEALTHCHECKs and scripts."""
     import json
 
-    from appliance import health
+    from appliance.ops import health
     from appliance.config import load_config
 
     config = load_config(args.config, {"server": {"port": args.port}}, secrets=False)
@@ -172,10 +172,10 @@ def cmd_admin_add_user(args) -> None:
     """The first admin (or any user) from the box's shell; the password from stdin or a prompt, never a flag."""
     import getpass
 
-    from appliance import audit
+    from appliance.store import audit
     from appliance.admin import auth
     from appliance.config import load_config
-    from appliance.store import open_database
+    from appliance.store.database import open_database
 
     config = load_config(args.config)
     if sys.stdin.isatty():

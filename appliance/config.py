@@ -36,7 +36,7 @@ class ModelConfig:
     name: str = "qwen2.5-coder-0.5b-instruct"
     provider: str = "auto"  # auto, cpu or cuda
     threads: int = 0  # 0: every core this process may use
-    huge_pages: bool = True  # back the weights with transparent huge pages on the CPU (appliance/hugepages.py)
+    huge_pages: bool = True  # back the weights with transparent huge pages on the CPU (appliance/model/hugepages.py)
 
     def __post_init__(self):
         if self.provider not in ("auto", "cpu", "cuda"):
@@ -88,7 +88,7 @@ class ServerConfig:
     port: int = 8080
     max_body_kb: int = 256
     # auto: TLS 1.3 when listening beyond loopback; on: always; off: plain HTTP for WeChat callbacks behind the
-    # office's reverse proxy, and then the API answers this machine only (appliance/api.py)
+    # office's reverse proxy, and then the API answers this machine only (appliance/model/api.py)
     tls: str = "auto"
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # from R1BOX_API_KEYS only, never the file
 

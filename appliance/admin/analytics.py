@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from appliance.store import LATENCY_BOUNDS
+from appliance.store.database import LATENCY_BOUNDS
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from appliance.admin import analytics
-from appliance.store import open_database
+from appliance.store.database import open_database
 
 YEAR_START = 1735660800  # 2025-01-01 00:00 in UTC+8
 OFFSET_S = 8 * 3600

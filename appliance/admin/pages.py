@@ -17,7 +17,7 @@ from aiohttp import web
 from appliance.admin import analytics, auth
 from appliance.admin.server import LIMITER, MAIN, metrics_of, need, record, render
 from appliance.app_keys import CONFIG, STORE, WECHAT
-from appliance.conversations import messages, users
+from appliance.store.conversations import messages, users
 
 routes = web.RouteTableDef()
 COOKIE = {"secure": True, "httponly": True, "samesite": "Strict", "path": "/"}

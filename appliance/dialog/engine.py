@@ -11,15 +11,15 @@ import logging
 import time
 from collections import defaultdict, deque
 
-from appliance import audit
-from appliance.chat import ChatService
+from appliance.store import audit
+from appliance.model.chat import ChatService
 from appliance.config import DialogConfig
 from appliance.dialog.filter import WordFilter
 from appliance.dialog.wechat_text import plain_text
-from appliance.engine import Finish
+from appliance.model.engine import Finish
 from appliance.errors import UnreadableValue
-from appliance.store import Store
-from appliance.transaction import transaction
+from appliance.store.database import Store
+from appliance.store.transaction import transaction
 
 log = logging.getLogger(__name__)
 

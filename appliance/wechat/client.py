@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from appliance.errors import R1boxError
-from appliance.store import Store
+from appliance.store.database import Store
 
 log = logging.getLogger(__name__)
 

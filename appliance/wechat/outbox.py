@@ -25,8 +25,8 @@ import time
 from collections import Counter, deque
 
 from appliance.errors import UnreadableValue
-from appliance.store import Store
-from appliance.transaction import transaction
+from appliance.store.database import Store
+from appliance.store.transaction import transaction
 from appliance.wechat.client import ApiError, Credentials, TokenManager
 from appliance.wechat.envelope import split_utf8
 

@@ -7,7 +7,7 @@ answer is the passive reply; late, the callback says `success` and the answer go
 ("push", verified accounts) or is kept for the user's next message ("pull", accounts without the customer-service
 API). Rows still unanswered at start-up (the box died mid-answer) are answered again and delivered the same way.
 In the store a message is named by a keyed hash of its de-duplication key, its sender by a keyed hash, and its
-contents and the sender's OpenID are sealed (appliance/vault.py).
+contents and the sender's OpenID are sealed (appliance/store/vault.py).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from dataclasses import dataclass, replace
 
 from appliance.dialog.engine import Dialog
 from appliance.errors import UnreadableValue
-from appliance.retention import purge_user
-from appliance.store import Store
+from appliance.store.retention import purge_user
+from appliance.store.database import Store
 from appliance.dialog.wechat_text import wechat_pieces
 from appliance.wechat.outbox import Outbox
 

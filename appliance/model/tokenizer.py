@@ -13,7 +13,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from appliance.errors import ArtifactError
-from appliance.manifest import Manifest
+from appliance.model.manifest import Manifest
 
 
 def _raise(message: str):

@@ -2,9 +2,9 @@
 
 Every call runs on the store's own thread (sqlite connections belong to the thread that made them, and a write
 must never block the event loop): `await store.run(fn, *args)` runs `fn(db, *args)` there. An act of several
-statements runs in one transaction (appliance/transaction.py), so a failure (a full disk) leaves nothing of it
+statements runs in one transaction (appliance/store/transaction.py), so a failure (a full disk) leaves nothing of it
 behind, and the error says so. An integrity check runs at start; a damaged file is refused with a clear error,
-never silently reset. Contents and user identities are sealed by the store's vault (appliance/vault.py), whose key
+never silently reset. Contents and user identities are sealed by the store's vault (appliance/store/vault.py), whose key
 file lives apart from the database.
 """
 
@@ -22,9 +22,9 @@ from pathlib import Path
 import sqlite_utils
 
 from appliance.errors import R1boxError
-from appliance.rotation import seal_plaintext_rows
-from appliance.transaction import transaction
-from appliance.vault import Vault, open_vault
+from appliance.store.rotation import seal_plaintext_rows
+from appliance.store.transaction import transaction
+from appliance.store.vault import Vault, open_vault
 
 
 class StoreError(R1boxError):
@@ -70,7 +70,7 @@ def _m0004_audit_log(db: sqlite_utils.Database) -> None:
 
 
 def _m0005_sealed_columns(db: sqlite_utils.Database) -> None:
-    # Contents are sealed from now on (appliance/vault.py); `user` holds a keyed hash and the OpenID needed for
+    # Contents are sealed from now on (appliance/store/vault.py); `user` holds a keyed hash and the OpenID needed for
     # delivery is sealed beside it. key_id is the oldest key any of the row's values may be sealed with, so that a
     # rotation finds the rows it must re-seal. Rows written before this have key_id NULL: the store seals them at
     # its next start, when it has the key (a migration never needs the key, so any tool can migrate a copy).

@@ -27,10 +27,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from appliance import audit
+from appliance.store import audit
 from appliance.errors import VaultError
-from appliance.store import MIGRATIONS, StoreError, lock_file, open_database
-from appliance.vault import Keyring, open_vault
+from appliance.store.database import MIGRATIONS, StoreError, lock_file, open_database
+from appliance.store.vault import Keyring, open_vault
 
 MAGIC = b"R1BOXBK1"
 HEADER = len(MAGIC) + 4 + 16  # magic, key id, salt

@@ -1,6 +1,6 @@
 """The audit log: one row per act that someone may later have to account for (administrative acts, logins,
 configuration changes, exports, purges, and sensitive-word hits). The application only ever inserts; rows leave
-only by retention (SQLite triggers refuse any other UPDATE or DELETE, see appliance/store.py). WeChat users appear
+only by retention (SQLite triggers refuse any other UPDATE or DELETE, see appliance/store/database.py). WeChat users appear
 under their keyed hash (Vault.user_hash), the same stand-in the conversation tables use."""
 
 from __future__ import annotations

@@ -25,9 +25,9 @@ import numpy as np
 
 from appliance.config import EngineConfig
 from appliance.errors import EngineBusy, RequestError
-from appliance.model import Decoder
-from appliance.prefix_cache import PrefixCache
-from appliance.sampling import Sampler, SamplingParams
+from appliance.model.decoder import Decoder
+from appliance.model.prefix_cache import PrefixCache
+from appliance.model.sampling import Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import asyncio
 import logging
 import time
 
-from appliance import audit
-from appliance.transaction import transaction
+from appliance.store import audit
+from appliance.store.transaction import transaction
 
 log = logging.getLogger(__name__)
 

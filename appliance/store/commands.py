@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from appliance.audit import command_actor
+from appliance.store.audit import command_actor
 from appliance.errors import R1boxError
 
 
@@ -19,7 +19,7 @@ def _config(args):
 
 
 def _opened(config):
-    from appliance.store import Store
+    from appliance.store.database import Store
 
     store = Store(config.store.file, config.store.keys)
     store.open()
@@ -31,7 +31,7 @@ def _print(result: dict) -> None:
 
 
 def cmd_backup(args) -> None:
-    from appliance.backup import backup
+    from appliance.store.backup import backup
 
     store = _opened(_config(args))
     try:
@@ -41,14 +41,14 @@ def cmd_backup(args) -> None:
 
 
 def cmd_restore(args) -> None:
-    from appliance.backup import restore
+    from appliance.store.backup import restore
 
     config = _config(args)
     _print(restore(Path(args.backup), config.store.file, config.store.keys, command_actor(), force=args.force))
 
 
 def cmd_keys_rotate(args) -> None:
-    from appliance.rotation import rotate
+    from appliance.store.rotation import rotate
 
     store = _opened(_config(args))
     try:
@@ -58,7 +58,7 @@ def cmd_keys_rotate(args) -> None:
 
 
 def cmd_purge(args) -> None:
-    from appliance.retention import purge_expired
+    from appliance.store.retention import purge_expired
 
     config = _config(args)
     store = _opened(config)
@@ -69,7 +69,7 @@ def cmd_purge(args) -> None:
 
 
 def cmd_purge_user(args) -> None:
-    from appliance.retention import purge_user
+    from appliance.store.retention import purge_user
 
     config = _config(args)
     accounts = [a for a in (config.wechat.app_id, config.wecom.corp_id) if a]

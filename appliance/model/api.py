@@ -15,9 +15,9 @@ import uuid
 from aiohttp import web
 
 from appliance.app_keys import API_KEYS, CHAT
-from appliance.chat import Delta
+from appliance.model.chat import Delta
 from appliance.config import is_loopback
-from appliance.engine import Finish
+from appliance.model.engine import Finish
 from appliance.errors import EngineBusy, R1boxError, RequestError
 
 log = logging.getLogger(__name__)

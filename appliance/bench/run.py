@@ -9,7 +9,7 @@ two sides are judged on, is then measured again with r1box and genai taking turn
 prompt), and each side's median over all its runs is reported: this machine drifts by 10 % and more over minutes,
 so one sitting each would measure the drift as much as the engines.
 
-    python -m appliance.bench --artifact DIR [--anchor-python PY --anchor-model DIR] [--threads 2] [--out DIR]
+    python -m appliance.bench.run --artifact DIR [--anchor-python PY --anchor-model DIR] [--threads 2] [--out DIR]
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from appliance.config import EngineConfig
-from appliance.engine import Engine, Finish
-from appliance.manifest import load_manifest
-from appliance.model import Decoder, default_threads
-from appliance.sampling import SamplingParams
-from appliance.tokenizer import ChatTokenizer
+from appliance.model.engine import Engine, Finish
+from appliance.model.manifest import load_manifest
+from appliance.model.decoder import Decoder, default_threads
+from appliance.model.sampling import SamplingParams
+from appliance.model.tokenizer import ChatTokenizer
 
 NEW_TOKENS = 128
 CONCURRENCY = (1, 4, 16)

@@ -9,7 +9,7 @@ and an `error` that says why, so one altered row never hides the rest. Run these
 from __future__ import annotations
 
 from appliance.errors import UnreadableValue
-from appliance.vault import Vault
+from appliance.store.vault import Vault
 
 
 def users(db, account: str | None = None, limit: int = 100) -> list[dict]:

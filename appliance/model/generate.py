@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from appliance.model import Decoder
+from appliance.model.decoder import Decoder
 
 
 def generate(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, stop_ids: frozenset[int]) -> Iterator[int]:

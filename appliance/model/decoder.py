@@ -14,9 +14,9 @@ import numpy as np
 import onnxruntime as ort
 
 from appliance.errors import ArtifactError
-from appliance.hugepages import collapse_anonymous_memory
-from appliance.kv_cache import KvCache
-from appliance.manifest import Manifest
+from appliance.model.hugepages import collapse_anonymous_memory
+from appliance.model.kv_cache import KvCache
+from appliance.model.manifest import Manifest
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 
-from appliance import audit
+from appliance.store import audit
 from appliance.errors import UnreadableValue
-from appliance.transaction import transaction
-from appliance.vault import Vault, record_keys
+from appliance.store.transaction import transaction
+from appliance.store.vault import Vault, record_keys
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from appliance.errors import UnreadableValue, VaultError
-from appliance.transaction import transaction
+from appliance.store.transaction import transaction
 
 FORMAT = "r1box-keyring-1"
 VERSION = b"\x01"
