@@ -65,8 +65,8 @@ bench MODEL="qwen2.5-coder-1.5b-instruct" THREADS="2":
     cache="${R1BOX_CACHE:-$HOME/.cache/r1box}"
     artifact=$({{python}} -c 'import sys; from export.artifacts import cached_artifact; print(cached_artifact(sys.argv[1]))' "{{MODEL}}")
     gguf=$({{venv}}/bin/r1box fetch "{{MODEL}}")
-    anchor_python=$(bash appliance/bench_anchor_setup.sh "$gguf" "$cache/genai-models/{{MODEL}}-int4")
-    {{python}} -m appliance.bench --artifact "$artifact" --threads {{THREADS}} --out bench-results \
+    anchor_python=$(bash appliance/bench/anchor_setup.sh "$gguf" "$cache/genai-models/{{MODEL}}-int4")
+    {{python}} -m appliance.bench.run --artifact "$artifact" --threads {{THREADS}} --out bench-results \
         --anchor-python "$anchor_python" --anchor-model "$cache/genai-models/{{MODEL}}-int4"
 
 # the quick bench: the same on the 0.5B

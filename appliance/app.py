@@ -1,72 +1,36 @@
-"""The aiohttp application factory: this is the program. Resources (the model, the engine) open and close in
-cleanup contexts; loading the model, which blocks for seconds, runs off the event loop."""
+"""`r1box serve`, as an aiohttp application factory: the business side of the box. WeChat and WeCom callbacks,
+the dialog, the store, the outbox, the admin pages and the metrics live here; the models are backends reached over
+HTTP (appliance/backends/), the box's own `r1box model` (appliance/model/server.py) first among them, so a model
+that crashes or is killed takes none of this down. Resources open and close in cleanup contexts; blocking work
+runs off the event loop."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
+import time
 
 import aiohttp
 from aiohttp import web
 
 from appliance.admin.server import admin_ctx
-from appliance.model.api import api_access_middleware, errors_middleware, routes
-from appliance.app_keys import API_KEYS, CHAT, CONFIG, METRICS, METRICS_PORT, STORE, WECHAT
-from appliance.model.chat import ChatService
-from appliance.config import Config, EngineConfig, ModelConfig
+from appliance.app_keys import BACKENDS, CONFIG, LISTENER, METRICS, METRICS_PORT, STARTED, STORE, WECHAT
+from appliance.backends.pool import Backends
+from appliance.config import Config
 from appliance.dialog.engine import Dialog
 from appliance.dialog.filter import WordFilter
-from appliance.model.engine import Engine
-from appliance.errors import ConfigError
-from appliance.model.gpu_preflight import nvidia_preflight
 from appliance.ops.logs import request_id_middleware
-from appliance.model.manifest import load_manifest
-from appliance.ops.metrics import EngineCollector, GpuCollector, Metrics, WeChatCollector
-from appliance.model.decoder import Decoder, open_decoder
-from appliance.store.retention import run_forever as run_retention
-from appliance.store.database import Store
+from appliance.ops.metrics import BackendCollector, Metrics, WeChatCollector
 from appliance.ops.systemd import systemd_ctx
-from appliance.model.tokenizer import ChatTokenizer
+from appliance.store.database import Store
+from appliance.store.retention import run_forever as run_retention
 from appliance.wechat.callback import Callbacks
 from appliance.wechat.client import Credentials, TokenManager, WeChatClient
-from appliance.wechat.outbox import Outbox
 from appliance.wechat.envelope import Account
+from appliance.wechat.outbox import Outbox
 from appliance.wechat.service import WeChatService
 
 log = logging.getLogger(__name__)
-
-def resolve_artifact(model: ModelConfig) -> Path:
-    """The configured artifact, or the catalog model's cached one (exported on first use where the export stage
-    is installed)."""
-    if model.artifact:
-        return Path(model.artifact).expanduser()
-    try:
-        from export.artifacts import cached_artifact
-    except ImportError:
-        raise ConfigError("[model] artifact is empty and the export stage is not installed; set artifact to an "
-                          "exported directory, or pip install 'r1box[export]'.") from None
-    return cached_artifact(model.name)
-
-
-def open_chat(model: ModelConfig, engine_config: EngineConfig, metrics: Metrics | None = None) -> ChatService:
-    """Load and verify the artifact, start the decoder (CUDA falling back to the CPU) and the engine."""
-    artifact = resolve_artifact(model)
-    manifest = load_manifest(artifact)
-    threads = model.threads or None
-    provider, preflight_reason = nvidia_preflight(model.provider, artifact)
-    decoder, reason = open_decoder(manifest, provider, threads, model.huge_pages)
-    reason = preflight_reason or reason
-    on_cpu = (lambda: Decoder(manifest, threads, "cpu", model.huge_pages)) if decoder.provider != "cpu" else None
-    engine = Engine(decoder, engine_config, stop_ids=frozenset(manifest.chat["stop_ids"]),
-                    think=manifest.chat.get("think"), fallback=on_cpu)
-    if reason:
-        engine.fallbacks, engine.fallback_reason = 1, reason
-    log.info("serving %s on %s with %d threads, %d slots of %d tokens (KV cache %.0f MB)", manifest.name,
-             decoder.provider, decoder.threads, engine_config.max_batch, engine.cache.max_length,
-             engine.cache.nbytes / 1e6)
-    engine.start()
-    return ChatService(manifest, ChatTokenizer(manifest), engine, metrics)
 
 
 async def _store_ctx(app: web.Application):
@@ -82,14 +46,29 @@ async def _store_ctx(app: web.Application):
     await asyncio.get_running_loop().run_in_executor(None, store.close)
 
 
-async def _chat_ctx(app: web.Application):
-    config = app[CONFIG]
-    chat = await asyncio.get_running_loop().run_in_executor(None, open_chat, config.model, config.engine,
-                                                            app[METRICS])
-    app[CHAT] = chat
-    app[METRICS].watch(EngineCollector(chat.engine))
+async def _backends_ctx(app: web.Application):
+    """The model backends, probed in the background from the start."""
+    session = aiohttp.ClientSession()
+    backends = Backends(app[CONFIG].backends, session, app[METRICS])
+    app[BACKENDS] = backends
+    app[METRICS].watch(BackendCollector(backends))
+    backends.start()
+    log.info("model backends: %s", ", ".join(f"{b.label} ({b.url})" for b in app[CONFIG].backends))
     yield
-    await asyncio.get_running_loop().run_in_executor(None, chat.engine.stop)
+    await backends.stop()
+    await session.close()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """ok: a backend can answer; degraded: none can now, and questions are recorded and wait for one."""
+    backends = request.app[BACKENDS]
+    wechat = request.app.get(WECHAT)
+    return web.json_response({
+        "status": "ok" if backends.any_up else "degraded",
+        "backends": backends.states(),
+        "waiting_for_backend": wechat.dialog.waiting if wechat else 0,
+        "uptime_s": round(time.time() - request.app[STARTED], 1),
+    })
 
 
 def wechat_accounts(config: Config) -> dict[str, Account]:
@@ -121,7 +100,7 @@ def push_credentials(config: Config) -> dict[str, tuple[Credentials, str]]:
 def _wechat_ctx(callbacks: Callbacks):
     async def ctx(app: web.Application):
         config, store = app[CONFIG], app[STORE]
-        dialog = Dialog(app[CHAT], store, config.dialog, WordFilter.from_files(list(config.dialog.word_lists)),
+        dialog = Dialog(app[BACKENDS], store, config.dialog, WordFilter.from_files(list(config.dialog.word_lists)),
                         {config.wechat.app_id: config.wechat.system_prompt,
                          config.wecom.corp_id: config.wecom.system_prompt})
         pushing = push_credentials(config)
@@ -148,9 +127,6 @@ def _wechat_ctx(callbacks: Callbacks):
 async def _metrics_ctx(app: web.Application):
     """/metrics on its own listener, so the office network can reach the API without reaching the metrics."""
     metrics, config = app[METRICS], app[CONFIG].metrics
-    gpu = GpuCollector.create()
-    if gpu:
-        metrics.watch(gpu)
 
     async def serve(request: web.Request) -> web.Response:
         return web.Response(body=metrics.exposition(), content_type="text/plain", charset="utf-8",
@@ -169,15 +145,13 @@ async def _metrics_ctx(app: web.Application):
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(client_max_size=config.server.max_body_kb << 10,
-                          middlewares=[request_id_middleware, errors_middleware, api_access_middleware])
-    app[CONFIG] = config
-    app[API_KEYS] = config.server.api_keys
+    app = web.Application(client_max_size=config.server.max_body_kb << 10, middlewares=[request_id_middleware])
+    app[CONFIG], app[LISTENER], app[STARTED] = config, config.server, time.time()
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(systemd_ctx)
     app.cleanup_ctx.append(_store_ctx)
-    app.cleanup_ctx.append(_chat_ctx)
-    app.add_routes(routes)
+    app.cleanup_ctx.append(_backends_ctx)
+    app.router.add_get("/healthz", healthz)
     accounts = wechat_accounts(config)
     if accounts:
         callbacks = Callbacks(None, accounts)

@@ -2,15 +2,19 @@
 
 from aiohttp import web
 
+from appliance.backends.pool import Backends
+from appliance.config import Config, ServerConfig
 from appliance.model.chat import ChatService
-from appliance.config import Config
 from appliance.ops.metrics import Metrics
 from appliance.store.database import Store
 from appliance.wechat.service import WeChatService
 
 CONFIG = web.AppKey("config", Config)
-CHAT = web.AppKey("chat", ChatService)  # the model, tokenizer and engine, ready once startup has run
-API_KEYS = web.AppKey("api_keys", tuple)  # bearer keys for /v1/ (R1BOX_API_KEYS); empty on loopback
+LISTENER = web.AppKey("listener", ServerConfig)  # where this process listens: [server] or [model_server]
+CHAT = web.AppKey("chat", ChatService)  # `r1box model`'s tokenizer and engine, ready once startup has run
+API_KEYS = web.AppKey("api_keys", tuple)  # the model API's bearer keys ([model_server]); none: loopback only
+BACKENDS = web.AppKey("backends", Backends)  # serve's model backends, probed in the background
+STARTED = web.AppKey("started", float)  # when the application was made (time.time())
 STORE = web.AppKey("store", Store)  # the SQLite database, opened on its own thread
 WECHAT = web.AppKey("wechat", WeChatService)  # present when an Official Account or WeCom app is configured
 METRICS = web.AppKey("metrics", Metrics)  # the Prometheus registry, served on its own listener

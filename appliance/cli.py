@@ -4,6 +4,7 @@ into one line on stderr and its exit code."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def _int8_layers(flag: str | None, source: str) -> tuple[str, ...]:
 
 
 def _open_chat(artifact: str | None, max_tokens: int):
-    from appliance.app import open_chat
+    from appliance.model.server import open_chat
     from appliance.config import EngineConfig, ModelConfig
 
     if artifact is None:
@@ -133,38 +134,56 @@ def cmd_chat(args) -> None:
         chat.engine.stop()
 
 
-def cmd_serve(args) -> None:
+def _listen(app, listener, config, log_format: str) -> None:
+    """Run an app on its listener until SIGTERM, over TLS 1.3 (the admin pages' certificate) where it speaks it."""
     from aiohttp import web
 
-    from appliance.app import create_app
-    from appliance.config import load_config
     from appliance.ops.logs import setup_logging
 
-    config = load_config(args.config, {"server": {"host": args.host, "port": args.port},
-                                       "model": {"artifact": args.artifact, "provider": args.provider}})
-    setup_logging(args.log_format)
+    setup_logging(log_format)
     ssl_context = None
-    if config.server.speaks_tls:  # TLS 1.3, with the admin pages' certificate
+    if listener.speaks_tls:
         from appliance.admin.tls import server_context
 
         ssl_context, _ = server_context(config.admin.cert, config.admin.key, config.store.file.parent / "admin-tls")
-    web.run_app(create_app(config), host=config.server.host, port=config.server.port, ssl_context=ssl_context,
-                print=None)
+    web.run_app(app, host=listener.host, port=listener.port, ssl_context=ssl_context, print=None)
+
+
+def cmd_model(args) -> None:
+    from appliance.config import load_config
+    from appliance.model.server import create_model_app
+
+    config = load_config(args.config, {"model_server": {"host": args.host, "port": args.port},
+                                       "model": {"artifact": args.artifact, "provider": args.provider}},
+                         service="model")
+    _listen(create_model_app(config), config.model_server, config, args.log_format)
+
+
+def cmd_serve(args) -> None:
+    from appliance.app import create_app
+    from appliance.config import load_config
+
+    config = load_config(args.config, {"server": {"host": args.host, "port": args.port}}, service="serve")
+    _listen(create_app(config), config.server, config, args.log_format)
 
 
 def cmd_health(args) -> None:
     """Exit 0 when the service on this machine answers healthy (ok or degraded): for HEALTHCHECKs and scripts."""
     import json
 
-    from appliance.ops import health
     from appliance.config import load_config
+    from appliance.ops import health
 
-    config = load_config(args.config, {"server": {"port": args.port}}, secrets=False)
-    answer = health.wait(config.server, args.wait, every_s=1.0)
+    config = load_config(args.config, secrets=False)
+    listener, unit = (config.model_server, "r1box-model") if args.model else (config.server, "r1box")
+    if args.port:
+        listener = dataclasses.replace(listener, port=args.port)
+    answer = health.wait(listener, args.wait, every_s=1.0)
     if not health.healthy(answer):
         said = f" (it said {json.dumps(answer)})" if answer else ""
-        raise R1boxError(f"no healthy answer from {config.server.own_url}/healthz{said}; is r1box serve "
-                         "running? See its log (journalctl -u r1box on the box).")
+        raise R1boxError(f"no healthy answer from {listener.own_url}/healthz{said}; is r1box "
+                         f"{'model' if args.model else 'serve'} running? See its log (journalctl -u {unit} on the "
+                         "box).")
     print(json.dumps(answer, ensure_ascii=False))
 
 
@@ -256,6 +275,11 @@ def cmd_wechat_sim(args) -> None:
         print(label + (reply if reply is not None else "(success: the answer comes later)"))
 
 
+def _log_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
+                   help="auto: readable on a terminal, JSON lines otherwise (the journal)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r1box", description="Local DeepSeek-R1-family assistant for WeChat.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -293,18 +317,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-tokens", type=int, default=512)
         p.set_defaults(func=cmd_generate if name == "generate" else cmd_chat)
 
-    p = sub.add_parser("serve", help="run the service: the local API (and, with later stages, WeChat)")
+    p = sub.add_parser("model", help="run the model service: the engine behind an OpenAI-compatible API")
     p.add_argument("--config", help="TOML configuration file (default: built-in defaults)")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
+    p.add_argument("--host", help="overrides [model_server] host")
+    p.add_argument("--port", type=int, help="overrides [model_server] port")
     p.add_argument("--artifact", help="artifact directory (overrides [model] artifact)")
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
-                   help="auto: readable on a terminal, JSON lines otherwise (the journal)")
+    _log_format(p)
+    p.set_defaults(func=cmd_model)
+
+    p = sub.add_parser("serve", help="run the service: WeChat, dialog, store, admin pages; models as backends")
+    p.add_argument("--config", help="TOML configuration file (default: built-in defaults)")
+    p.add_argument("--host", help="overrides [server] host")
+    p.add_argument("--port", type=int, help="overrides [server] port")
+    _log_format(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("health", help="ask the service on this machine for its /healthz; exit 0 when healthy")
-    p.add_argument("--config", help="the service's TOML configuration (where it listens, and whether over TLS)")
+    p.add_argument("--config", help="the box's TOML configuration (where it listens, and whether over TLS)")
+    p.add_argument("--model", action="store_true", help="ask r1box model ([model_server]) instead of r1box serve")
     p.add_argument("--port", type=int)
     p.add_argument("--wait", type=float, default=0, help="keep asking this many seconds for a first answer")
     p.set_defaults(func=cmd_health)

@@ -87,10 +87,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_kb: int = 256
-    # auto: TLS 1.3 when listening beyond loopback; on: always; off: plain HTTP for WeChat callbacks behind the
-    # office's reverse proxy, and then the API answers this machine only (appliance/model/api.py)
+    # auto: TLS 1.3 when listening beyond loopback; on: always; off: plain HTTP (WeChat callbacks behind the
+    # office's reverse proxy; for [model_server], the API then answers this machine only: appliance/model/api.py)
     tls: str = "auto"
-    api_keys: tuple[str, ...] = field(default=(), repr=False)  # from R1BOX_API_KEYS only, never the file
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -120,6 +119,48 @@ class ServerConfig:
         """The listener as this machine reaches it, in the scheme it speaks (https://127.0.0.1:8080)."""
         host = self.own_address
         return f"{self.scheme}://{f'[{host}]' if ':' in host else host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ModelServerConfig(ServerConfig):
+    """Where `r1box model` serves the OpenAI-compatible API, /healthz and /metrics. Loopback by default: the box's
+    own `r1box serve` is its one caller. Its keys: R1BOX_MODEL_KEY (shared with the box's serve) and R1BOX_API_KEYS
+    (other callers: a second box, HQ)."""
+
+    port: int = 8081
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # from the environment only, never the file
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """One model backend of `r1box serve`: anything that speaks OpenAI's chat completions with server-sent events
+    (another r1box, vLLM, llama.cpp's llama-server, Ollama, SGLang). Tried in order of priority (then of the list);
+    among backends of one priority, new questions are shared by weight."""
+
+    url: str  # the base URL: http://127.0.0.1:8081 (the /v1/... paths are added)
+    name: str = ""  # for logs, metrics and pages; empty: the URL's host and port
+    key_env: str = ""  # the environment variable holding its bearer key; empty: no key
+    model: str = ""  # the model name to ask for; a backend that answers with another one is failed over
+    priority: int = 0
+    weight: int = 1
+    max_concurrent: int = 8  # questions in flight to this backend; more go to the next one
+    connect_timeout_s: float = 3.0
+    idle_timeout_s: float = 30.0  # longest silence inside an answer (and before its first token) before failover
+    timeout_s: float = 300.0  # the whole answer
+    verify_tls: bool = True  # False: a box's self-signed certificate (prefer an https URL with a pinned CA)
+    key: str = field(default="", repr=False)  # read from key_env, never from the file
+
+    def __post_init__(self):
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https://, not {self.url!r}")
+        if self.weight < 1 or self.max_concurrent < 1:
+            raise ValueError("weight and max_concurrent must be at least 1")
+        if min(self.connect_timeout_s, self.idle_timeout_s, self.timeout_s) <= 0:
+            raise ValueError("connect_timeout_s, idle_timeout_s and timeout_s must be positive")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.url.split("://", 1)[1].rstrip("/")
 
 
 @dataclass(frozen=True)
@@ -235,6 +276,8 @@ class StoreConfig:
 class Config:
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig()
+    model_server: ModelServerConfig = ModelServerConfig()
+    backends: tuple[BackendConfig, ...] = ()  # empty: the box's own `r1box model` at [model_server]
     server: ServerConfig = ServerConfig()
     wechat: WeChatConfig = WeChatConfig()
     wecom: WeComConfig = WeComConfig()
@@ -244,8 +287,8 @@ class Config:
     admin: AdminConfig = AdminConfig()
 
 
-_SECTIONS = {"model": ModelConfig, "engine": EngineConfig, "server": ServerConfig, "wechat": WeChatConfig,
-             "wecom": WeComConfig, "dialog": DialogConfig, "store": StoreConfig, "metrics": MetricsConfig,
+_SECTIONS = {"model": ModelConfig, "engine": EngineConfig, "model_server": ModelServerConfig, "server": ServerConfig,
+             "wechat": WeChatConfig, "wecom": WeComConfig, "dialog": DialogConfig, "store": StoreConfig, "metrics": MetricsConfig,
              "admin": AdminConfig}
 _FROM_ENV_ONLY = {"api_keys"}
 _SECRETS = {"wechat": ("R1BOX_WECHAT", ("token", "encoding_aes_key", "previous_encoding_aes_key", "app_secret")),
@@ -253,10 +296,11 @@ _SECRETS = {"wechat": ("R1BOX_WECHAT", ("token", "encoding_aes_key", "previous_e
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, dict] | None = None, *,
-                secrets: bool = True) -> Config:
+                secrets: bool = True, service: str = "") -> Config:
     """Read the TOML file (None: defaults only), apply flag overrides ({"server": {"port": 9000}}), validate.
     secrets=False, for a tool that only asks where the service is (a health check, outside the service's
-    environment): the secrets the service needs are neither read nor required."""
+    environment): the secrets the service needs are neither read nor required. service="model" or "serve": only
+    what that process needs (the model process never reads the WeChat secrets; serve needs no model API keys)."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -270,24 +314,56 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict] | Non
         except OSError as e:
             raise ConfigError(f"{path}: cannot read it ({e.strerror}).") from None
     where = str(path) if path else "defaults"
-    unknown = set(raw) - set(_SECTIONS)
+    unknown = set(raw) - set(_SECTIONS) - {"backends"}
     if unknown:
-        raise ConfigError(f"{where}: unknown section [{sorted(unknown)[0]}]; known: {', '.join(_SECTIONS)}.")
+        raise ConfigError(f"{where}: unknown section [{sorted(unknown)[0]}]; known: {', '.join(_SECTIONS)}, "
+                          "[[backends]].")
     sections = {}
     for name, cls in _SECTIONS.items():
         table = dict(raw.get(name, {}))
         table.update({k: v for k, v in (overrides or {}).get(name, {}).items() if v is not None})
         sections[name] = _build(cls, table, f"{where} [{name}]")
+    backends = _backends(raw.get("backends", []), sections["model_server"], where, secrets and service != "model")
     if not secrets:
-        return Config(**sections)
-    keys = tuple(k.strip() for k in os.environ.get("R1BOX_API_KEYS", "").split(",") if k.strip())
-    server = dataclasses.replace(sections["server"], api_keys=keys)
-    if not server.loopback and not server.api_keys:
-        raise ConfigError(f"{where} [server]: host {server.host} is reachable from other machines, so the API "
-                          "needs keys: set R1BOX_API_KEYS=key1,key2 in the service's environment, or bind 127.0.0.1.")
-    for name, (prefix, keys) in _SECRETS.items():
-        sections[name] = _with_secrets(sections[name], prefix, keys, f"{where} [{name}]")
-    return Config(**{**sections, "server": server})
+        return Config(**sections, backends=backends)
+    keys = tuple(k.strip() for k in ",".join(os.environ.get(v, "") for v in ("R1BOX_MODEL_KEY", "R1BOX_API_KEYS"))
+                 .split(",") if k.strip())
+    model_server = dataclasses.replace(sections["model_server"], api_keys=keys if service != "serve" else ())
+    if service != "serve" and not model_server.loopback and not model_server.api_keys:
+        raise ConfigError(f"{where} [model_server]: host {model_server.host} is reachable from other machines, so "
+                          "the model API needs keys: set R1BOX_API_KEYS=key1,key2 in its environment, or bind "
+                          "127.0.0.1.")
+    if service != "model":
+        for name, (prefix, keys) in _SECRETS.items():
+            sections[name] = _with_secrets(sections[name], prefix, keys, f"{where} [{name}]")
+    return Config(**{**sections, "model_server": model_server}, backends=backends)
+
+
+def _backends(tables, model_server: ModelServerConfig, where: str, secrets: bool) -> tuple[BackendConfig, ...]:
+    """[[backends]] as written, each with its key from the environment; none written: the box's own model."""
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"{where}: backends must be an array of tables: [[backends]] with url = \"...\".")
+    if not tables:
+        tables = [{"name": "local", "url": model_server.own_url, "key_env": "R1BOX_MODEL_KEY",
+                   "verify_tls": not model_server.speaks_tls}]
+    out = []
+    for i, table in enumerate(tables, 1):
+        table, here = dict(table), f"{where} [[backends]] #{i}"
+        if not isinstance(table.get("url"), str):
+            raise ConfigError(f"{here}: url is required (the backend's base URL, http://host:port).")
+        if "key" in table:
+            raise ConfigError(f"{here}: a key never sits in the file; name the environment variable that holds it "
+                              "with key_env.")
+        table.setdefault("priority", i - 1)
+        backend = _build(BackendConfig, table, here, BackendConfig(url="http://example"))
+        if secrets and backend.key_env:
+            backend = dataclasses.replace(backend, key=os.environ.get(backend.key_env, "").split(",")[0].strip())
+        out.append(backend)
+    names = [b.label for b in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where} [[backends]]: two backends named {max(names, key=names.count)!r}; give each a "
+                          "name.")
+    return tuple(out)
 
 
 def _with_secrets(section, prefix: str, keys: tuple[str, ...], where: str):
@@ -313,12 +389,13 @@ def _with_secrets(section, prefix: str, keys: tuple[str, ...], where: str):
     return section
 
 
-def _build(cls, table: dict, where: str):
+def _build(cls, table: dict, where: str, example=None):
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in _FROM_ENV_ONLY}
+    example = example or cls()
     for key, value in table.items():
         if key not in fields:
             raise ConfigError(f"{where}: unknown key {key!r}; known: {', '.join(fields)}.")
-        expected = type(getattr(cls(), key))
+        expected = type(getattr(example, key))
         if expected is tuple and isinstance(value, list) and all(isinstance(v, str) for v in value):
             table[key] = value = tuple(value)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):

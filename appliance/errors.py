@@ -61,3 +61,12 @@ class VaultError(R1boxError):
 class UnreadableValue(VaultError):
     """One sealed value fails its check (altered, moved to another row, or its key is gone): that row is reported
     and skipped, the rest is served."""
+
+
+class BackendError(R1boxError):
+    """One model backend failed to give a whole answer (refused, 5xx, timed out, a wrong key or model, garbage, or
+    a stream cut before its end). The backends layer fails over to the next one; nobody outside it sees this."""
+
+
+class NoBackend(R1boxError):
+    """No model backend could answer now. The question stays recorded and is asked again when one comes back."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from appliance.errors import ArtifactError
-from appliance.manifest import load_manifest
+from appliance.model.manifest import load_manifest
 from export.catalog import lookup
 from export.fetch import cache_root
 from export.pipeline import export_model

@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 
 from appliance.errors import ExportError
-from appliance.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, file_entries
+from appliance.model.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, file_entries
 from export.catalog import Architecture
 
 END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<｜end▁of▁sentence｜>", "<|eot_id|>")

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from appliance.model import Decoder
-from appliance.tokenizer import ChatTokenizer
+from appliance.model.decoder import Decoder
+from appliance.model.tokenizer import ChatTokenizer
 
 PROMPTS = (
     "Write a Python function that checks whether a number is prime.",

@@ -10,9 +10,9 @@ import shutil
 from pathlib import Path
 
 from appliance.errors import ExportError
-from appliance.manifest import Manifest, load_manifest
-from appliance.model import Decoder
-from appliance.tokenizer import ChatTokenizer
+from appliance.model.manifest import Manifest, load_manifest
+from appliance.model.decoder import Decoder
+from appliance.model.tokenizer import ChatTokenizer
 from export.manifest_writer import architecture, chat_section, write_manifest
 from export.parity import parity_report, source_references
 from export.progress import say, step

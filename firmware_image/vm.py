@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance import health
+from appliance.ops import health
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from appliance.admin import auth, tls
 from appliance.admin.server import create_admin_app
 from appliance.app_keys import METRICS
 from appliance.config import load_config
-from appliance.metrics import Metrics
-from appliance.store import Store
+from appliance.ops.metrics import Metrics
+from appliance.store.database import Store
 
 PASSWORD = "correct horse battery"
 ROLES = auth.ROLES
@@ -134,7 +134,7 @@ def seed(db, vault=None) -> None:
     """A small known history: the messages, commands, filter hits and a failed push. With the store's vault, the
     messages are then sealed and their users hashed, as the store does with rows from before encryption."""
     from appliance.dialog.engine import _count_command
-    from appliance.rotation import seal_plaintext_rows
+    from appliance.store.rotation import seal_plaintext_rows
 
     seed_messages(db)
     if vault is not None:

@@ -4,6 +4,7 @@ and artifacts exported from that model. Built once per test session; downloads a
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -81,11 +82,43 @@ async def api(aiohttp_server) -> FakeWeChatApi:
     return fake
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def write_config(tmp_path: Path, artifact: Path, sections: str = "", threads: int | None = 1) -> Path:
-    """A service config for tests: the artifact, `sections` (TOML tables other than [model], [metrics], [admin] and
-    [store]), metrics and admin pages on ephemeral ports and the database in tmp_path."""
+    """A box's config for tests: the artifact, `sections` (TOML tables other than [model], [metrics], [admin] and
+    [store]), the model service on a free port (unless `sections` places it), metrics and admin pages on ephemeral
+    ports and the database in tmp_path."""
     model = f'[model]\nartifact = "{artifact}"\n' + (f"threads = {threads}\n" if threads else "")
+    if "[model_server]" not in sections:
+        model += f"[model_server]\nport = {free_port()}\n"
     path = tmp_path / "r1box.toml"
     path.write_text(model + sections + '[metrics]\nport = 0\n[admin]\nport = 0\n'
                     f'[store]\npath = "{tmp_path / "r1box.db"}"\n')
     return path
+
+
+@pytest.fixture
+def start_box(aiohttp_client, aiohttp_server):
+    """A box as it runs: `r1box model` (the model app on its [model_server] port, started once per port) and
+    `r1box serve` (the app under test, its backend that model), both real aiohttp servers in this process. The
+    client's .model is the model's server (its .app[CHAT] is the engine)."""
+    models = {}
+
+    async def start(config, **client_kwargs):
+        from appliance.app import create_app
+        from appliance.config import load_config
+        from appliance.model.server import create_model_app
+
+        config = load_config(config) if isinstance(config, Path) else config
+        port = config.model_server.port
+        if port not in models:
+            models[port] = await aiohttp_server(create_model_app(config), port=port)
+        client = await aiohttp_client(create_app(config), **client_kwargs)
+        client.model = models[port]
+        return client
+
+    return start

@@ -5,7 +5,7 @@ their activity days with them."""
 import sqlite_utils
 
 from appliance.admin import analytics
-from appliance.store import MIGRATIONS, migrate, open_database
+from appliance.store.database import MIGRATIONS, migrate, open_database
 from tests.admin_site import EXPECTED, SEEDED_RANGE, _at, seed, seed_messages
 
 
@@ -83,7 +83,7 @@ async def test_commands_and_filter_hits_from_the_dialog_reach_the_dashboard(tiny
     from appliance.config import DialogConfig, EngineConfig, ModelConfig
     from appliance.dialog.engine import Dialog
     from appliance.dialog.filter import WordFilter
-    from appliance.store import Store
+    from appliance.store.database import Store
 
     chat = open_chat(ModelConfig(artifact=str(tiny_fp32), threads=1), EngineConfig(max_batch=1, max_length=256))
     store = Store(tmp_path / "dialog.db")

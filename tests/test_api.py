@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from appliance.app import create_app
+from appliance.model.server import create_model_app
 from appliance.config import load_config
 from tests.conftest import read_manifest, write_config
 
@@ -17,12 +17,12 @@ HELLO = [{"role": "user", "content": "你好"}]
 @pytest.fixture
 def config(tiny_fp32, tmp_path):
     return write_config(tmp_path, tiny_fp32, '[engine]\nmax_batch = 2\nmax_waiting = 2\nmax_length = 128\n'
-                        '[server]\nmax_body_kb = 16\n')
+                        '[model_server]\nmax_body_kb = 16\n')
 
 
 @pytest.fixture
 async def client(aiohttp_client, config):
-    return await aiohttp_client(create_app(load_config(config)))
+    return await aiohttp_client(create_model_app(load_config(config)))
 
 
 async def test_health_and_models(client, tiny_fp32):
@@ -115,7 +115,7 @@ async def test_client_leaving_mid_stream_frees_the_slot(client):
 
 async def test_api_keys_are_required_when_configured(aiohttp_client, config, monkeypatch):
     monkeypatch.setenv("R1BOX_API_KEYS", "k-one,k-two")
-    client = await aiohttp_client(create_app(load_config(config)))
+    client = await aiohttp_client(create_model_app(load_config(config)))
     assert (await client.get("/v1/models")).status == 401
     assert (await client.get("/v1/models", headers={"Authorization": "Bearer wrong"})).status == 401
     assert (await client.get("/v1/models", headers={"Authorization": "Bearer k-two"})).status == 200

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from appliance.cli import main
-from appliance.conversations import conversation
+from appliance.store.conversations import conversation
 from appliance.dialog.engine import _remember
-from appliance.store import Store
+from appliance.store.database import Store
 
 SECRET = "保险箱密码是四八一五"
 
@@ -150,9 +150,9 @@ def test_chunks_are_bound_to_their_place(tmp_path, monkeypatch, change):
     import io
     import os
 
-    from appliance import backup as backup_module
+    from appliance.store import backup as backup_module
     from appliance.errors import VaultError
-    from appliance.vault import Keyring
+    from appliance.store.vault import Keyring
 
     monkeypatch.setattr(backup_module, "CHUNK", 1000)
     keyring = Keyring.create(tmp_path / "k.keys")

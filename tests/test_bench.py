@@ -1,4 +1,4 @@
-"""`python -m appliance.bench` (what `just bench` runs) on the real 0.5B, r1box's side only (onnxruntime-genai's
+"""`python -m appliance.bench.run` (what `just bench` runs) on the real 0.5B, r1box's side only (onnxruntime-genai's
 anchor needs its own virtualenv and model build, which only `just bench` makes): it ends with the one JSON line of
 the issue's shape, writes the same report beside its latency plot, and keeps no token ids in them. No figure is
 judged here; the targets are judged by `just bench` itself."""
@@ -20,7 +20,7 @@ def artifact():
 
 
 def test_bench_ends_with_the_json_report(artifact, tmp_path):
-    run = subprocess.run([sys.executable, "-m", "appliance.bench", "--artifact", str(artifact), "--threads", "2",
+    run = subprocess.run([sys.executable, "-m", "appliance.bench.run", "--artifact", str(artifact), "--threads", "2",
                           "--runs", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout.strip().splitlines()[-1])

@@ -1,7 +1,7 @@
 """Rendering the model's own chat template: DeepSeek-R1's, with the opened think block."""
 
-from appliance.manifest import load_manifest
-from appliance.tokenizer import ChatTokenizer
+from appliance.model.manifest import load_manifest
+from appliance.model.tokenizer import ChatTokenizer
 
 
 def test_r1_prompt_opens_the_think_block(tiny_int4):

@@ -4,10 +4,10 @@ prefilled at once or in chunks, alone or decoded in a batch beside sequences of 
 import numpy as np
 import pytest
 
-from appliance.generate import generate
-from appliance.manifest import load_manifest
-from appliance.model import Decoder
-from appliance.tokenizer import ChatTokenizer
+from appliance.model.generate import generate
+from appliance.model.manifest import load_manifest
+from appliance.model.decoder import Decoder
+from appliance.model.tokenizer import ChatTokenizer
 
 
 @pytest.fixture(scope="module")

@@ -1,25 +1,35 @@
-"""The dialog engine on the tiny model and a real SQLite file: memory within its budgets, commands, the per-user
-rate limit, the reasoning toggle, and the sensitive-word filter (normalized matching, masking, live reload)."""
+"""The dialog engine on the tiny model (served by the real model app, asked through the real backends) and a real
+SQLite file: memory within its budgets, commands, the per-user rate limit, the reasoning toggle, and the
+sensitive-word filter (normalized matching, masking, live reload)."""
 
 import json
 import os
 import time
 
+import aiohttp
 import pytest
 
-from appliance.app import open_chat
-from appliance.config import DialogConfig, EngineConfig, ModelConfig
-from appliance.dialog.engine import Dialog, _recent_turns
+from appliance.app_keys import CHAT
+from appliance.backends.pool import Backends
+from appliance.config import BackendConfig, DialogConfig, load_config
+from appliance.dialog.engine import Dialog, _recent_turns, estimate_tokens
 from appliance.dialog.filter import WordFilter
-from appliance.store import Store
+from appliance.model.server import create_model_app
+from appliance.store.database import Store
+from tests.conftest import write_config
 
 
-@pytest.fixture(scope="module")
-def chat(tiny_fp32):
-    service = open_chat(ModelConfig(artifact=str(tiny_fp32), threads=1),
-                        EngineConfig(max_batch=2, max_length=512, think_budget=4))
-    yield service
-    service.engine.stop()
+@pytest.fixture
+async def model(aiohttp_server, tiny_fp32, tmp_path):
+    config = write_config(tmp_path, tiny_fp32, "[engine]\nmax_batch = 2\nmax_length = 512\nthink_budget = 4\n")
+    return await aiohttp_server(create_model_app(load_config(config)))
+
+
+@pytest.fixture
+async def chat(model):
+    """What the dialog talks to: the backends, here the one model app."""
+    async with aiohttp.ClientSession() as session:
+        yield Backends((BackendConfig(url=str(model.make_url("")).rstrip("/"), name="local"),), session)
 
 
 @pytest.fixture
@@ -40,7 +50,7 @@ async def test_memory_keeps_recent_turns_within_the_token_budget(chat, store):
         await dialog.answer("a", "u", f"问题{i} " + "很长的问题" * 5)
     history = await store.run(_recent_turns, store.vault, "a", "u", 0, 10)
     assert len(history) == 8 and history[0]["role"] == "user"
-    tokens = sum(len(chat.tokenizer.encode(t["content"])) for t in history)
+    tokens = sum(estimate_tokens(t["content"]) for t in history)
     tight = _dialog(chat, store, memory_tokens=tokens - 1)  # one token too few: the oldest pair goes
     assert tight._within_budget(history) == history[2:]
     assert _dialog(chat, store, memory_tokens=tokens)._within_budget(history) == history
@@ -61,11 +71,11 @@ async def test_reasoning_toggle(chat, store):
     assert not (await dialog.answer("a", "r", "你好")).startswith("【思考】")
 
 
-async def test_blocked_words_are_refused_before_the_model(chat, store):
+async def test_blocked_words_are_refused_before_the_model(chat, store, model):
     dialog = _dialog(chat, store, words=["违禁词"])
-    before = chat.engine.stats()["requests"]
+    before = model.app[CHAT].engine.stats()["requests"]
     assert await dialog.answer("a", "b", "这里有个违禁词") == dialog.config.blocked_reply
-    assert chat.engine.stats()["requests"] == before and dialog.filter_hits["in"] == 1
+    assert model.app[CHAT].engine.stats()["requests"] == before and dialog.filter_hits["in"] == 1
     rows = await store.run(lambda db: list(db["audit_log"].rows))
     assert [(r["operation"], r["user_id"][:2]) for r in rows] == [("filter_hit", "u-")]
     assert json.loads(rows[0]["details"]) == {"direction": "in", "words": ["违禁词"]}
@@ -93,15 +103,10 @@ def test_lists_reload_when_the_file_changes(tmp_path):
 async def test_each_account_has_its_own_system_prompt(chat, store):
     seen = []
 
-    class Recording:  # the real chat service, with the prompts it is asked to render kept
-        tokenizer = chat.tokenizer
-
-        def params(self, **kw):
-            return chat.params(**kw)
-
-        def reply(self, messages, params):
+    class Recording:  # the real backends, with the prompts they are asked for kept
+        def complete(self, messages, max_tokens):
             seen.append(messages[0])
-            return chat.reply(messages, params)
+            return chat.complete(messages, max_tokens)
 
     dialog = Dialog(Recording(), store, DialogConfig(max_tokens=2, system_prompt="总行"), WordFilter([]),
                     {"wx-a": "甲网点", "wx-b": ""})

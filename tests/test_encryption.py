@@ -8,14 +8,13 @@ import time
 
 import pytest
 
-from appliance.app import create_app
 from appliance.app_keys import STORE
 from appliance.config import load_config
-from appliance.conversations import conversation, messages, users
+from appliance.store.conversations import conversation, messages, users
 from appliance.dialog.engine import _recent_turns, _remember
 from appliance.errors import UnreadableValue, VaultError
-from appliance.rotation import rotate
-from appliance.store import Store
+from appliance.store.rotation import rotate
+from appliance.store.database import Store
 from appliance.wechat.envelope import Account
 from appliance.wechat.sim import Platform, event_message, text_message
 from tests.conftest import write_config
@@ -26,11 +25,11 @@ PLATFORM = Platform(Account("mp", APP_ID, "AAAAA", ""), "plain")
 
 
 @pytest.fixture
-async def client(aiohttp_client, tiny_fp32, tmp_path, monkeypatch):
+async def client(start_box, tiny_fp32, tmp_path, monkeypatch):
     monkeypatch.setenv("R1BOX_WECHAT_TOKEN", "AAAAA")
     path = write_config(tmp_path, tiny_fp32, '[engine]\nmax_batch = 2\nmax_length = 256\nthink_budget = 4\n'
                         f'[wechat]\napp_id = "{APP_ID}"\nmode = "plain"\n[dialog]\nmax_tokens = 24\n')
-    return await aiohttp_client(create_app(load_config(path)))
+    return await start_box(load_config(path))
 
 
 async def _say(client, xml: str) -> str | None:

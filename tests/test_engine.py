@@ -6,13 +6,13 @@ import asyncio
 import pytest
 
 from appliance.config import EngineConfig
-from appliance.engine import Engine, Finish
+from appliance.model.engine import Engine, Finish
 from appliance.errors import EngineBusy, RequestError
-from appliance.generate import generate
-from appliance.manifest import load_manifest
-from appliance.model import Decoder
-from appliance.sampling import SamplingParams
-from appliance.tokenizer import ChatTokenizer
+from appliance.model.generate import generate
+from appliance.model.manifest import load_manifest
+from appliance.model.decoder import Decoder
+from appliance.model.sampling import SamplingParams
+from appliance.model.tokenizer import ChatTokenizer
 
 GREEDY = SamplingParams(max_tokens=12)
 

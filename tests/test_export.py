@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from appliance.errors import ExportError, ModelSourceError, UnsupportedModelError
-from appliance.manifest import sha256_of
+from appliance.model.manifest import sha256_of
 from export.pipeline import export_model
 from export.quantize import QuantConfig
 from tests.conftest import read_manifest

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.hugepages import HUGE_PAGE, anonymous_regions, collapse_anonymous_memory, thp_mode
+from appliance.model.hugepages import HUGE_PAGE, anonymous_regions, collapse_anonymous_memory, thp_mode
 
 MAPS = """\
 55d0c0000000-55d0c0a00000 rw-p 00000000 00:00 0                          [heap]

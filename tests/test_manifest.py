@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from appliance.errors import ArtifactError
-from appliance.manifest import load_manifest
+from appliance.model.manifest import load_manifest
 
 
 @pytest.fixture

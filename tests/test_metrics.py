@@ -6,7 +6,6 @@ import base64
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.app import create_app
 from appliance.app_keys import METRICS_PORT
 from appliance.config import load_config
 from appliance.wechat.envelope import Account
@@ -19,12 +18,12 @@ APP_ID = "wx-metrics"
 
 
 @pytest.fixture
-async def client(aiohttp_client, tiny_fp32, tmp_path, monkeypatch):
+async def client(start_box, tiny_fp32, tmp_path, monkeypatch):
     monkeypatch.setenv("R1BOX_WECHAT_TOKEN", TOKEN)
     monkeypatch.setenv("R1BOX_WECHAT_ENCODING_AES_KEY", KEY)
     path = write_config(tmp_path, tiny_fp32, f'[engine]\nmax_length = 256\nthink_budget = 4\n'
                         f'[wechat]\napp_id = "{APP_ID}"\n[dialog]\nmax_tokens = 8\n')
-    return await aiohttp_client(create_app(load_config(path)))
+    return await start_box(load_config(path))
 
 
 async def _scrape(client) -> dict[tuple, float]:

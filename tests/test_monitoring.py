@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.metrics import GpuCollector
+from appliance.ops.metrics import GpuCollector
 from tests.conftest import write_config
 
 MONITORING = Path(__file__).parent.parent / "appliance" / "monitoring"
@@ -84,13 +84,12 @@ async def test_every_query_names_a_metric_the_box_exposes(client_with_conversati
 
 
 @pytest.fixture
-def client_with_conversation(aiohttp_client, tiny_fp32, tmp_path, monkeypatch):
+def client_with_conversation(start_box, tiny_fp32, tmp_path, monkeypatch):
     import base64
 
     import aiohttp
 
-    from appliance.app import create_app
-    from appliance.app_keys import METRICS_PORT
+        from appliance.app_keys import METRICS_PORT
     from appliance.config import load_config
     from appliance.wechat.envelope import Account
     from appliance.wechat.sim import Platform, text_message
@@ -104,7 +103,7 @@ def client_with_conversation(aiohttp_client, tiny_fp32, tmp_path, monkeypatch):
                         '[dialog]\nmax_tokens = 4\n')
 
     async def run() -> set[str]:
-        client = await aiohttp_client(create_app(load_config(path)))
+        client = await start_box(load_config(path))
         request = Platform(Account("mp", "wx-mon", "t", key)).message(text_message("wx-mon", "u", "你好", 1))
         await client.post(f"/wechat?{request.query}", data=request.body)
         async with aiohttp.ClientSession() as session:

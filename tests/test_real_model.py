@@ -11,7 +11,7 @@ from collections import Counter
 import onnx
 import pytest
 
-from appliance.manifest import sha256_of
+from appliance.model.manifest import sha256_of
 from tests.conftest import read_manifest
 
 pytestmark = pytest.mark.slow
@@ -65,7 +65,7 @@ def test_chat_answers_on_stdin(artifact):
 
 def test_runtime_loads_without_torch(artifact):
     code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-            "from appliance.manifest import load_manifest; from appliance.model import Decoder\n"
+            "from appliance.model.manifest import load_manifest; from appliance.model.decoder import Decoder\n"
             f"print(Decoder(load_manifest({str(artifact)!r})).provider)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.strip() == "cpu", proc.stderr

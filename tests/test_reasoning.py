@@ -3,7 +3,7 @@ split across pieces."""
 
 import pytest
 
-from appliance.reasoning import ReasoningSplitter
+from appliance.model.reasoning import ReasoningSplitter
 
 
 def _run(pieces, **kwargs):

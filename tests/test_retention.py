@@ -8,14 +8,13 @@ import time
 
 import pytest
 
-from appliance.app import create_app
 from appliance.app_keys import STORE
 from appliance.cli import main
 from appliance.config import load_config
 from appliance.dialog.engine import _remember
 from appliance.errors import ConfigError
-from appliance.retention import DAY_S, purge_expired, purge_user
-from appliance.store import Store
+from appliance.store.retention import DAY_S, purge_expired, purge_user
+from appliance.store.database import Store
 from appliance.wechat.envelope import Account
 from appliance.wechat.service import Inbound, _record
 from appliance.wechat.sim import Platform, event_message, text_message
@@ -135,7 +134,7 @@ def test_a_command_run_over_ssh_is_audited_with_the_client_address(store, monkey
 
 
 def test_a_full_disk_leaves_nothing_half_done(store):
-    from appliance.store import StoreError
+    from appliance.store.database import StoreError
 
     account, reason = APP_ID, "用户书面申请" * 2000  # the audit row needs new pages: it fails after the deletes
     store.call(_remember, store.vault, account, "u", "问", "答")
@@ -154,11 +153,11 @@ def test_a_full_disk_leaves_nothing_half_done(store):
     assert store.call(purge_user, account, user, "cli:test", reason)["turns"] == 2  # room again: it works
 
 
-async def test_unsubscribe_purges_through_the_same_path(aiohttp_client, tiny_fp32, tmp_path, monkeypatch):
+async def test_unsubscribe_purges_through_the_same_path(start_box, tiny_fp32, tmp_path, monkeypatch):
     monkeypatch.setenv("R1BOX_WECHAT_TOKEN", "AAAAA")
     path = write_config(tmp_path, tiny_fp32, '[engine]\nmax_batch = 2\nmax_length = 256\nthink_budget = 4\n'
                         f'[wechat]\napp_id = "{APP_ID}"\nmode = "plain"\n[dialog]\nmax_tokens = 8\n')
-    client = await aiohttp_client(create_app(load_config(path)))
+    client = await start_box(load_config(path))
     platform = Platform(Account("mp", APP_ID, "AAAAA", ""), "plain")
     for xml in (text_message(APP_ID, "bye", "你好", 1), event_message(APP_ID, "bye", "unsubscribe")):
         request = platform.message(xml)
@@ -175,10 +174,10 @@ async def test_unsubscribe_purges_through_the_same_path(aiohttp_client, tiny_fp3
                                            "turns": 2, "outbox": 0})]
 
 
-async def test_the_service_purges_on_its_schedule(aiohttp_client, tiny_fp32, tmp_path):
+async def test_the_service_purges_on_its_schedule(start_box, tiny_fp32, tmp_path):
     path = write_config(tmp_path, tiny_fp32, "")
     path.write_text(path.read_text() + "conversation_days = 1\nretention_interval_h = 0.0005\n")  # 1.8 s
-    client = await aiohttp_client(create_app(load_config(path)))
+    client = await start_box(load_config(path))
     store = client.app[STORE]
     await store.run(_remember, store.vault, "a", "u", "问", "答")
     await store.run(lambda db: (db.execute("UPDATE turns SET created_at = created_at - 2 * 86400"),

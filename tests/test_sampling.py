@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from appliance.sampling import Sampler, SamplingParams
+from appliance.model.sampling import Sampler, SamplingParams
 
 LOGITS = np.log(np.array([0.05, 0.5, 0.3, 0.1, 0.05], np.float32))
 

@@ -1,5 +1,6 @@
-"""`r1box serve` as a process, the way the appliance runs it: it comes up healthy, answers a message sent by
-`r1box wechat-sim`, and stops cleanly on SIGTERM; `r1box health` says so, before and after."""
+"""`r1box model` and `r1box serve` as two processes, the way the appliance runs them: they come up healthy, serve
+answers a message sent by `r1box wechat-sim` through the model process, and both stop cleanly on SIGTERM;
+`r1box health` says so, before and after."""
 
 import base64
 import json
@@ -28,6 +29,8 @@ def test_serve_answers_wechat_sim_and_stops_on_sigterm(tiny_fp32, tmp_path):
     key = base64.b64encode(bytes(32)).decode().rstrip("=")
     env = dict(os.environ, R1BOX_WECHAT_TOKEN="serve-token", R1BOX_WECHAT_ENCODING_AES_KEY=key,
                R1BOX_WECOM_TOKEN="serve-token", R1BOX_WECOM_ENCODING_AES_KEY=key)
+    model = subprocess.Popen([sys.executable, "-m", "appliance.cli", "model", "--config", str(config)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     server = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--config", str(config)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -40,9 +43,9 @@ def test_serve_answers_wechat_sim_and_stops_on_sigterm(tiny_fp32, tmp_path):
             except OSError:
                 assert server.poll() is None, server.stdout.read()
                 time.sleep(0.1)
-        assert health and health["status"] == "ok"
-        checked = subprocess.run([sys.executable, "-m", "appliance.cli", "health", "--config", str(config)], env=env,
-                                 capture_output=True, text=True, timeout=60)
+        assert health and health["status"] == "ok" and health["backends"][0]["name"] == "local"
+        checked = subprocess.run([sys.executable, "-m", "appliance.cli", "health", "--model", "--config", str(config),
+                                  "--wait", "60"], env=env, capture_output=True, text=True, timeout=90)
         assert checked.returncode == 0 and json.loads(checked.stdout)["queue"]["slots"] == 2, checked.stderr
         for mode in ("plain", "safe"):
             sim = subprocess.run([sys.executable, "-m", "appliance.cli", "wechat-sim", "你好", "--app-id",
@@ -64,11 +67,13 @@ def test_serve_answers_wechat_sim_and_stops_on_sigterm(tiny_fp32, tmp_path):
     finally:
         server.send_signal(signal.SIGTERM)
         output = server.communicate(timeout=30)[0]
-    assert server.returncode == 0, output
+        model.send_signal(signal.SIGTERM)
+        model_output = model.communicate(timeout=30)[0]
+    assert server.returncode == 0 and model.returncode == 0, output + model_output
     gone = subprocess.run([sys.executable, "-m", "appliance.cli", "health", "--config", str(config), "--wait", "1"],
                           env=env, capture_output=True, text=True, timeout=60)
     assert gone.returncode == 1 and f"no healthy answer from http://127.0.0.1:{port}/healthz" in gone.stderr
-    assert "serve-token" not in output  # secrets never in logs
+    assert "serve-token" not in output + model_output  # secrets never in logs
     records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]  # not a tty: JSON lines
     answered = [r for r in records if r["msg"] == "answered"]
     assert len(answered) == 4 and all(r["request_id"] != "-" for r in answered)
@@ -77,7 +82,7 @@ def test_serve_answers_wechat_sim_and_stops_on_sigterm(tiny_fp32, tmp_path):
 def test_json_logs_carry_the_request_id():
     import logging
 
-    from appliance.logs import JsonFormatter, request_id
+    from appliance.ops.logs import JsonFormatter, request_id
 
     token = request_id.set("abc123")
     try:

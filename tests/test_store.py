@@ -4,8 +4,8 @@ file refused rather than reset."""
 import pytest
 import sqlite_utils
 
-from appliance.store import MIGRATIONS, Store, StoreError, migrate, open_database
-from appliance.transaction import transaction
+from appliance.store.database import MIGRATIONS, Store, StoreError, migrate, open_database
+from appliance.store.transaction import transaction
 
 
 def test_migrations_apply_once_in_order(tmp_path):

@@ -1,4 +1,4 @@
-"""`r1box serve` under systemd's notify protocol, against a real datagram socket: READY=1 only once the listener
+"""`r1box serve` and `r1box model` under systemd's notify protocol, against a real datagram socket: READY=1 only once the listener
 answers, WATCHDOG=1 while it runs, STOPPING=1 on SIGTERM. And the NVIDIA preflight's fall back to the CPU."""
 
 import os
@@ -10,18 +10,22 @@ import sys
 import time
 import urllib.request
 
-from appliance.gpu_preflight import nvidia_preflight
+import pytest
+
+from appliance.model.gpu_preflight import nvidia_preflight
 from tests.conftest import write_config
 from tests.test_serve import _free_port
 
 
-def test_ready_after_listening_then_watchdog_then_stopping(tiny_fp32, tmp_path):
+@pytest.mark.parametrize("command", ["serve", "model"])
+def test_ready_after_listening_then_watchdog_then_stopping(tiny_fp32, tmp_path, command):
     port = _free_port()
-    config = write_config(tmp_path, tiny_fp32, f"[server]\nport = {port}\n")
+    section = "server" if command == "serve" else "model_server"
+    config = write_config(tmp_path, tiny_fp32, f"[{section}]\nport = {port}\n")
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify"))
     notify.settimeout(120)
-    server = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--config", str(config)],
+    server = subprocess.Popen([sys.executable, "-m", "appliance.cli", command, "--config", str(config)],
                               env=dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"), WATCHDOG_USEC="400000"),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     states = []

@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from appliance.app import create_app
 from appliance.app_keys import CHAT, STORE, WECHAT
 from appliance.config import load_config
 from appliance.wechat.envelope import Account, reply_xml, sha1_signature, split_utf8
@@ -39,8 +38,8 @@ def config_file(tiny_fp32, tmp_path, monkeypatch):
 
 
 @pytest.fixture
-async def client(aiohttp_client, config_file):
-    return await aiohttp_client(create_app(load_config(config_file)))
+async def client(start_box, config_file):
+    return await start_box(load_config(config_file))
 
 
 async def _send(client, platform, xml, path="/wechat", **kwargs):
@@ -105,12 +104,12 @@ async def test_wecom_message_is_answered_encrypted(client):
 async def test_three_deliveries_of_one_message_make_one_model_call(client):
     platform = Platform(MP)
     xml = text_message(APP_ID, "dup-user", "你们几点开门？", 424242)
-    before = client.app[CHAT].engine.stats()["requests"]
+    before = client.model.app[CHAT].engine.stats()["requests"]
     results = await asyncio.gather(*(_send(client, platform, xml) for _ in range(3)))
     assert [s for s, _ in results] == [200, 200, 200]
     answers = [a for _, a in results if a]
     assert len(answers) == 1  # one passive answer, the others "success"
-    assert client.app[CHAT].engine.stats()["requests"] - before == 1
+    assert client.model.app[CHAT].engine.stats()["requests"] - before == 1
     # and a fourth delivery after the fact gets nothing new either
     assert (await _send(client, platform, xml))[1] is None
     # the same MsgId from another user is another message
@@ -135,16 +134,16 @@ async def test_late_answer_is_kept_and_handed_out_on_the_next_message(client):
     assert [(r["status"], r["delivery"]) for r in rows][0] == ("delivered", "pull")
 
 
-async def test_restart_answers_what_was_received_but_not_answered(aiohttp_client, config_file):
+async def test_restart_answers_what_was_received_but_not_answered(start_box, config_file):
     config = load_config(config_file)
-    first = await aiohttp_client(create_app(config))
+    first = await start_box(config)
     # a row as a release before encryption wrote it: sealed at the next start, then answered
     await first.app[STORE].run(lambda db: db["inbound"].insert(
         {"account": APP_ID, "dedup_key": f"{APP_ID}:crash-user:msg:9", "user": "crash-user", "kind": "text",
          "content": "断电前的问题", "created_at": int(time.time()), "received_at": time.time(),
          "status": "received"}))
     await first.close()
-    second = await aiohttp_client(create_app(config))
+    second = await start_box(config)
     for _ in range(100):
         if not second.app[WECHAT]._answering:
             break
@@ -225,10 +224,10 @@ async def test_stale_timestamp_and_replayed_nonce_are_refused(client):
     assert (await client.post(f"/wechat?{forged.query}", data=forged.body)).status == 403
 
 
-async def test_the_configured_mode_is_enforced(aiohttp_client, config_file):
+async def test_the_configured_mode_is_enforced(start_box, config_file):
     strict = config_file.read_text().replace('mode = "compat"', 'mode = "safe"')
     config_file.write_text(strict)
-    client = await aiohttp_client(create_app(load_config(config_file)))
+    client = await start_box(load_config(config_file))
     plain = Platform(MP).message(text_message(APP_ID, "mode-user", "hi", 1))
     assert (await client.post(f"/wechat?{plain.query}", data=plain.body)).status == 403
     assert (await _send(client, Platform(MP, "safe"), text_message(APP_ID, "mode-user", "hi", 2)))[0] == 200
@@ -243,11 +242,11 @@ async def test_continue_hands_out_what_is_kept_without_a_model_call(client):
         if not service._answering:
             break
         await asyncio.sleep(0.05)
-    before = client.app[CHAT].engine.stats()["requests"]
+    before = client.model.app[CHAT].engine.stats()["requests"]
     status, answer = await _send(client, platform, text_message(APP_ID, "cont-user", "继续", 2))
     assert answer and "回答生成中" not in answer
     assert (await _send(client, platform, text_message(APP_ID, "cont-user", "继续", 3)))[1] == "没有更多内容了，请直接提问。"
-    assert client.app[CHAT].engine.stats()["requests"] == before
+    assert client.model.app[CHAT].engine.stats()["requests"] == before
 
 
 async def test_menu_click_and_welcome(client):
@@ -288,10 +287,10 @@ def _xml(user, kind, body, msg_id=None):
     ("miniprogrampage", "<Title><![CDATA[t]]></Title>", "文字"),
 ])
 async def test_every_message_kind_gets_an_answer(client, kind, body, expect):
-    before = client.app[CHAT].engine.stats()["requests"]
+    before = client.model.app[CHAT].engine.stats()["requests"]
     status, answer = await _send(client, Platform(MP), _xml(f"kind-{kind}", kind, body, 99))
     assert status == 200 and answer
-    used_model = client.app[CHAT].engine.stats()["requests"] > before
+    used_model = client.model.app[CHAT].engine.stats()["requests"] > before
     assert used_model if expect == "model" else (expect in answer and not used_model)
 
 

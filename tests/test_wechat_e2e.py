@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from appliance.app import create_app
 from appliance.app_keys import CHAT, WECHAT
 from appliance.config import load_config
 from appliance.wechat.envelope import Account
@@ -56,24 +55,24 @@ async def _until(condition, seconds=60.0):
     return False
 
 
-async def test_three_deliveries_across_a_restart_give_one_answer(aiohttp_client, config, api):
+async def test_three_deliveries_across_a_restart_give_one_answer(start_box, config, api):
     request = SAFE.message(text_message(APP_ID, "e2e-user", "一句话介绍一下长城。", 880001))
-    first = await aiohttp_client(create_app(config))
+    first = await start_box(config)
     replies = [await _deliver(first, request), await _deliver(first, request)]  # the platform's retry
-    calls = first.app[CHAT].engine.stats()["requests"]
+    calls = first.model.app[CHAT].engine.stats()["requests"]
     await _until(lambda: not first.app[WECHAT]._answering)
     await first.close()
-    second = await aiohttp_client(create_app(config))  # the box restarted before the third delivery
+    second = await start_box(config)  # the box restarted before the third delivery
     replies.append(await _deliver(second, request))
     await _until(lambda: not second.app[WECHAT]._answering, 30)
     await asyncio.sleep(1.0)  # a push, if one were wrongly made, would be out by now
     answers = [r for r in replies if r] + [s["text"]["content"] for s in api.sent if s["touser"] == "e2e-user"]
     assert len(answers) == 1 and "长城" in answers[0]
-    assert calls == 1 and second.app[CHAT].engine.stats()["requests"] == 0
+    assert calls == 1 and second.model.app[CHAT].engine.stats()["requests"] == 0
 
 
-async def test_a_slow_answer_arrives_by_push_and_survives_a_network_cut(aiohttp_client, config, api):
-    client = await aiohttp_client(create_app(config))
+async def test_a_slow_answer_arrives_by_push_and_survives_a_network_cut(start_box, config, api):
+    client = await start_box(config)
     client.app[WECHAT].deadline_s = 0.5  # this model needs longer than that
     client.app[WECHAT].outbox.max_backoff_s = 0.5
     port = api.server.port

@@ -7,10 +7,9 @@ import time
 
 import pytest
 
-from appliance.app import create_app
 from appliance.app_keys import STORE, WECHAT
 from appliance.config import load_config
-from appliance.store import Store
+from appliance.store.database import Store
 from appliance.wechat.envelope import Account
 from appliance.wechat.outbox import MORE, _enqueue
 from appliance.wechat.sim import Platform, text_message
@@ -55,8 +54,8 @@ async def _inbound(client, user):
     return await client.app[STORE].run(lambda db: list(db["inbound"].rows_where("user = ?", [user])))
 
 
-async def test_late_answer_is_pushed_once(aiohttp_client, config_file, api):
-    client = await aiohttp_client(create_app(load_config(config_file)))
+async def test_late_answer_is_pushed_once(start_box, config_file, api):
+    client = await start_box(load_config(config_file))
     await _late_message(client, "push-user", 1)
     assert await _until(lambda: _sent_to(api, "push-user"))
     await asyncio.sleep(0.3)
@@ -72,17 +71,16 @@ async def _sent_to(api, user):
     return any(s["touser"] == user for s in api.sent)
 
 
-async def test_a_refused_token_is_refreshed_once(aiohttp_client, config_file, api):
-    client = await aiohttp_client(create_app(load_config(config_file)))
+async def test_a_refused_token_is_refreshed_once(start_box, config_file, api):
+    client = await start_box(load_config(config_file))
     api.send_errors = [40001]
     await _late_message(client, "token-user", 2)
     assert await _until(lambda: _sent_to(api, "token-user"))
     assert api.tokens_issued == 2  # the first token, and one refresh
 
 
-async def test_network_cut_is_waited_out_and_nothing_is_lost(aiohttp_client, config_file, api):
-    app = create_app(load_config(config_file))
-    client = await aiohttp_client(app)
+async def test_network_cut_is_waited_out_and_nothing_is_lost(start_box, config_file, api):
+    client = await start_box(config_file)
     port = api.server.port
     await api.server.close()  # the network is down
     outbox = client.app[WECHAT].outbox
@@ -109,8 +107,8 @@ async def _restart(api, port):
 
 
 @pytest.mark.parametrize("code, alert", [(45015, False), (45047, False), (45002, False), (48001, True)])
-async def test_refusals_turn_into_pull(aiohttp_client, config_file, api, code, alert):
-    client = await aiohttp_client(create_app(load_config(config_file)))
+async def test_refusals_turn_into_pull(start_box, config_file, api, code, alert):
+    client = await start_box(load_config(config_file))
     api.send_errors = [code]
     await _late_message(client, f"refused-{code}", 4)
     # the push was tried and refused (an outbox row back in "pull"), not merely answered before the push began
@@ -156,9 +154,9 @@ async def test_the_user_quota_is_kept_and_the_rest_waits_for_a_pull(tmp_path):
     store.close()
 
 
-async def _pushed_through(aiohttp_client, config_file, api, user: str, errors: list[int]):
+async def _pushed_through(start_box, config_file, api, user: str, errors: list[int]):
     """A late answer whose first sends the platform refuses with `errors`; returns the outbox once it went out."""
-    client = await aiohttp_client(create_app(load_config(config_file)))
+    client = await start_box(load_config(config_file))
     outbox = client.app[WECHAT].outbox
     outbox.max_backoff_s = 0.2
     api.send_errors = list(errors)
@@ -167,8 +165,8 @@ async def _pushed_through(aiohttp_client, config_file, api, user: str, errors: l
     return outbox
 
 
-async def test_ip_not_whitelisted_raises_an_alert_and_keeps_trying(aiohttp_client, config_file, api):
-    outbox = await _pushed_through(aiohttp_client, config_file, api, "ip-user", [40164, 40164])
+async def test_ip_not_whitelisted_raises_an_alert_and_keeps_trying(start_box, config_file, api):
+    outbox = await _pushed_through(start_box, config_file, api, "ip-user", [40164, 40164])
     assert [a["code"] for a in outbox.alerts] == [40164, 40164] and "whitelist" in outbox.alerts[0]["message"]
     assert outbox.results[40164] == 2 and outbox.results[0] == 1
 
@@ -212,19 +210,19 @@ async def test_wecom_members_get_at_most_30_messages_a_minute(tmp_path):
     store.close()
 
 
-async def test_rate_limits_are_waited_out(aiohttp_client, config_file, api):
-    outbox = await _pushed_through(aiohttp_client, config_file, api, "quota-user", [45009, 45011])
+async def test_rate_limits_are_waited_out(start_box, config_file, api):
+    outbox = await _pushed_through(start_box, config_file, api, "quota-user", [45009, 45011])
     assert outbox.results[45009] == outbox.results[45011] == 1
 
 
-async def test_wecom_late_answers_are_pushed_with_the_agent_id(aiohttp_client, tiny_fp32, tmp_path, monkeypatch, api):
+async def test_wecom_late_answers_are_pushed_with_the_agent_id(start_box, tiny_fp32, tmp_path, monkeypatch, api):
     monkeypatch.setenv("R1BOX_WECOM_TOKEN", TOKEN)
     monkeypatch.setenv("R1BOX_WECOM_ENCODING_AES_KEY", KEY)
     monkeypatch.setenv("R1BOX_WECOM_CORP_SECRET", "corp-secret")
     path = write_config(tmp_path, tiny_fp32, f'[engine]\nmax_length = 256\nthink_budget = 4\n'
                         '[wecom]\ncorp_id = "ww-push"\nagent_id = "1000002"\n'
                         f'api_base_url = "http://127.0.0.1:{api.server.port}"\n[dialog]\nmax_tokens = 12\n')
-    client = await aiohttp_client(create_app(load_config(path)))
+    client = await start_box(load_config(path))
     client.app[WECHAT].deadline_s = 0.0
     wecom = Platform(Account("wecom", "ww-push", TOKEN, KEY))
     request = wecom.message(text_message("ww-push", "zhangsan", "你好", 9))

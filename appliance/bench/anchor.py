@@ -1,9 +1,9 @@
 """The anchor side of the speed benchmark: onnxruntime-genai on the same model, prompts and thread count as r1box.
 
-It runs in its own virtualenv (made by bench_anchor_setup.sh), so it uses only the standard library, numpy and
+It runs in its own virtualenv (made by anchor_setup.sh), so it uses only the standard library, numpy and
 onnxruntime_genai — nothing of r1box.
 
-    python bench_anchor.py --model GENAI_MODEL_DIR --prompts PROMPTS.json --new-tokens 128 --threads 2 [--batch 1,4,16]
+    python anchor.py --model GENAI_MODEL_DIR --prompts PROMPTS.json --new-tokens 128 --threads 2 [--batch 1,4,16]
 
 PROMPTS.json is {"name": [token ids], ...}, made by r1box's tokenizer, so both engines see the same ids. For each
 prompt: one warm-up, then a greedy run that measures time to first token (prefill plus picking the first token) and
@@ -27,7 +27,7 @@ import onnxruntime_genai as og
 
 
 def log(msg: str) -> None:
-    print(f"bench_anchor: {msg}", file=sys.stderr, flush=True)
+    print(f"bench anchor: {msg}", file=sys.stderr, flush=True)
 
 
 def peak_rss_mb() -> float:
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     with open(args.prompts) as f:
         prompts = {name: np.asarray(ids, dtype=np.int32) for name, ids in json.load(f).items()}
     if not prompts or any(p.ndim != 1 or p.size == 0 for p in prompts.values()):
-        raise SystemExit("bench_anchor: PROMPTS.json must map names to non-empty lists of token ids")
+        raise SystemExit("bench anchor: PROMPTS.json must map names to non-empty lists of token ids")
 
     t = time.perf_counter()
     model, threads_via, genai_config = load_model(args.model, args.threads)
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     single_rows = {}
     for name, ids in prompts.items():
         if context and ids.size + args.new_tokens > context:
-            raise SystemExit(f"bench_anchor: prompt {name} ({ids.size} tokens) + new tokens exceeds the context")
+            raise SystemExit(f"bench anchor: prompt {name} ({ids.size} tokens) + new tokens exceeds the context")
         log(f"{name}: {ids.size} prompt tokens: warm-up")
         generate(model, ids, min(args.warmup_tokens, args.new_tokens))
         log(f"{name}: measuring ({args.runs} runs)")
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     if args.batch_sizes:
         bname = args.batch_prompt or min(prompts, key=lambda n: prompts[n].size)
         if bname not in prompts:
-            raise SystemExit(f"bench_anchor: no prompt named {bname!r} for --batch-prompt")
+            raise SystemExit(f"bench anchor: no prompt named {bname!r} for --batch-prompt")
         ids = prompts[bname]
         batch = {
             "prompt": bname,

@@ -2,8 +2,8 @@
 # The anchor side of the benchmark: a separate virtualenv with onnxruntime-genai (and its model builder), and an int4
 # CPU model built with that builder from a GGUF file.
 #
-#   bench_anchor_setup.sh                       # only make the venv
-#   bench_anchor_setup.sh GGUF_PATH OUT_DIR     # make the venv, then build OUT_DIR (skipped if it is already built)
+#   anchor_setup.sh                       # only make the venv
+#   anchor_setup.sh GGUF_PATH OUT_DIR     # make the venv, then build OUT_DIR (skipped if it is already built)
 #
 # The venv lives at ${R1BOX_CACHE:-$HOME/.cache/r1box}/genai-venv and is kept apart from r1box's own dependencies
 # (the builder wants transformers >= 5; r1box's export extra pins transformers < 4.58). Its python is printed last.
@@ -23,7 +23,7 @@ REQS=(onnxruntime-genai "transformers>=5" "torch==2.13.0" "gguf>=0.10" "accelera
 STAMP="$VENV/.r1box-stamp"
 WANT="v1 ${REQS[*]}"
 
-log() { echo "bench_anchor_setup: $*" >&2; }
+log() { echo "anchor_setup: $*" >&2; }
 
 if [[ ! -x "$VENV/bin/python" || ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
     log "creating $VENV"
@@ -51,7 +51,7 @@ fi
 
 GGUF="$(realpath "$1")"
 OUT="$(realpath -m "$2")"
-[[ -f "$GGUF" ]] || { echo "bench_anchor_setup: no such GGUF file: $GGUF" >&2; exit 2; }
+[[ -f "$GGUF" ]] || { echo "anchor_setup: no such GGUF file: $GGUF" >&2; exit 2; }
 if [[ -f "$OUT/genai_config.json" ]]; then
     log "already built: $OUT"
     echo "$VENV/bin/python"
@@ -90,7 +90,7 @@ t0=$SECONDS
 if ! "$VENV/bin/python" -m onnxruntime_genai.models.builder -i "$WORK/hf" -o "$WORK/out" -p int4 -e cpu \
         -c "$WORK/cache" >"$WORK/builder.log" 2>&1 || [[ ! -f "$WORK/out/genai_config.json" ]]; then
     tr '\r' '\n' <"$WORK/builder.log" | tail -n 30 >&2
-    echo "bench_anchor_setup: the model builder failed" >&2
+    echo "anchor_setup: the model builder failed" >&2
     exit 1
 fi
 rm -rf "$WORK/hf"

@@ -3,7 +3,7 @@
 Both sides get the same token ids (made here by the artifact's tokenizer and chat template), greedy decoding, 128 new
 tokens with end-of-sequence ignored, a warm-up first. r1box is measured at concurrency 1, 4 and 16 (aggregate
 tokens/s, time to first token and inter-token latency), on a second conversation turn with and without prefix reuse,
-and for peak resident memory; onnxruntime-genai runs in its own virtualenv (bench_anchor.py). The last line printed
+and for peak resident memory; onnxruntime-genai runs in its own virtualenv (anchor.py). The last line printed
 is one JSON document; a plot of latency against concurrency is saved beside it. Single-stream decode, the figure the
 two sides are judged on, is then measured again with r1box and genai taking turns (ROUNDS times each, on the short
 prompt), and each side's median over all its runs is reported: this machine drifts by 10 % and more over minutes,
@@ -164,7 +164,7 @@ def measure_genai(python: str, model: str, prompts: dict[str, list[int]], thread
     nearest genai gets to what r1box does for its weights. Its batch runs are skipped then, and when single."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(prompts, f)
-    anchor = Path(__file__).with_name("bench_anchor.py")
+    anchor = Path(__file__).with_name("anchor.py")
     command = [python, str(anchor), "--model", model, "--prompts", f.name, "--new-tokens", str(NEW_TOKENS),
                "--threads", str(threads), "--runs", str(runs)]
     if not (huge_pages or single):

@@ -1,8 +1,10 @@
 """The dialog engine: a user's message in, the assistant's answer out, with the conversation remembered.
 
 It keeps each user's recent turns in the store (bounded in number and age), answers a few commands itself (reset,
-help), filters what comes in and what goes out, and asks the model through the chat service with reasoning
-discarded: a WeChat user sees only the answer. Turns are stored sealed, under the user's keyed hash.
+help), filters what comes in and what goes out, and asks a model through the backends (appliance/backends/) with
+reasoning discarded: a WeChat user sees only the answer. Turns are stored sealed, under the user's keyed hash.
+When no backend can answer, the question waits (it is already recorded in the store) and is asked again, whole,
+once one answers its probe: nothing is remembered of it until an answer came.
 """
 
 from __future__ import annotations
@@ -12,12 +14,11 @@ import time
 from collections import defaultdict, deque
 
 from appliance.store import audit
-from appliance.model.chat import ChatService
+from appliance.backends.pool import Backends
 from appliance.config import DialogConfig
 from appliance.dialog.filter import WordFilter
 from appliance.dialog.wechat_text import plain_text
-from appliance.model.engine import Finish
-from appliance.errors import UnreadableValue
+from appliance.errors import NoBackend, UnreadableValue
 from appliance.store.database import Store
 from appliance.store.transaction import transaction
 
@@ -33,11 +34,12 @@ COMMAND_NAMES = {**dict.fromkeys(RESET_COMMANDS, "reset"), **dict.fromkeys(HELP_
 
 
 class Dialog:
-    def __init__(self, chat: ChatService, store: Store, config: DialogConfig, word_filter: WordFilter,
+    def __init__(self, backends: Backends, store: Store, config: DialogConfig, word_filter: WordFilter,
                  system_prompts: dict[str, str] | None = None):
-        self.chat, self.store, self.config, self.filter = chat, store, config, word_filter
+        self.backends, self.store, self.config, self.filter = backends, store, config, word_filter
         self.system_prompts = {k: v for k, v in (system_prompts or {}).items() if v}  # per account, else config
         self.filter_hits = {"in": 0, "out": 0}
+        self.waiting = 0  # questions held until a backend answers again
         self.show_reasoning: set[tuple[str, str]] = set()  # users who asked to see the model's reasoning
         self._recent: dict[tuple[str, str], deque[float]] = defaultdict(deque)
 
@@ -81,13 +83,9 @@ class Dialog:
         system = self.system_prompts.get(account, self.config.system_prompt)
         messages = [{"role": "system", "content": system}] if system else []
         messages += history + [{"role": "user", "content": text}]
-        parts, reasoning = [], []
-        async for item in self.chat.reply(messages, self.chat.params(max_tokens=self.config.max_tokens)):
-            if not isinstance(item, Finish):
-                parts.append(item.content)
-                reasoning.append(item.reasoning)
-        answer = plain_text("".join(parts))
-        thought = "".join(reasoning).strip()
+        completion = await self._ask(messages)
+        answer = plain_text(completion.content)
+        thought = completion.reasoning.strip()
         if who in self.show_reasoning and thought:
             answer = f"【思考】{plain_text(thought)}\n\n【回答】{answer}"
         if hits := self.filter.hits(answer):
@@ -97,6 +95,18 @@ class Dialog:
             answer = "抱歉，我没能想出答案，请换个说法再问一次。"
         await self.store.run(_remember, self.store.vault, account, user, text, answer)
         return answer
+
+    async def _ask(self, messages: list[dict]):
+        while True:
+            try:
+                return await self.backends.complete(messages, self.config.max_tokens)
+            except NoBackend as e:
+                self.waiting += 1
+                log.warning("%s; the question waits in the store for a backend to come back", e)
+                try:
+                    await self.backends.wait_up()
+                finally:
+                    self.waiting -= 1
 
     async def _audit_hit(self, account: str, user: str, direction: str, hits: list[str]) -> None:
         self.filter_hits[direction] += 1
@@ -109,10 +119,16 @@ class Dialog:
 
     def _within_budget(self, history: list[dict]) -> list[dict]:
         """Drop the oldest question/answer pairs until the kept turns fit memory_tokens."""
-        encode = self.chat.tokenizer.encode
-        while history and sum(len(encode(t["content"])) for t in history) > self.config.memory_tokens:
+        while history and sum(estimate_tokens(t["content"]) for t in history) > self.config.memory_tokens:
             history = history[2:]
         return history
+
+
+def estimate_tokens(text: str) -> int:
+    """An upper bound on tokens without the model's tokenizer (the backend may be any model): a Chinese character
+    is one token or less in the R1 and Qwen vocabularies and takes 3 UTF-8 bytes; English words take 4-5 bytes a
+    token, so this overcounts them and memory errs on the short side."""
+    return len(text.encode()) // 3 + 1
 
 
 def _recent_turns(db, vault, account: str, user: str, since: float, limit: int) -> list[dict]:

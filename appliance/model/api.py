@@ -53,12 +53,12 @@ async def errors_middleware(request: web.Request, handler):
 
 @web.middleware
 async def api_access_middleware(request: web.Request, handler):
-    """The API answers other machines only over TLS and with a key: a plain-HTTP listener beyond loopback
-    ([server] tls = "off", for WeChat callbacks behind a reverse proxy) serves /v1 to this machine alone."""
-    if not request.path.startswith("/v1/"):
+    """The API and the metrics answer other machines only over TLS and with a key: a plain-HTTP listener beyond
+    loopback ([model_server] tls = "off") serves them to this machine alone."""
+    if not request.path.startswith(("/v1/", "/metrics")):
         return await handler(request)
     if not request.secure and not is_loopback(request.remote):
-        return _error(403, "this listener speaks plain HTTP ([server] tls = \"off\"), so the API answers this "
+        return _error(403, "this listener speaks plain HTTP ([model_server] tls = \"off\"), so the API answers this "
                       "machine only: call it on the box, or set tls = \"auto\" to reach it over TLS 1.3.",
                       "permission_error")
     keys = request.app[API_KEYS]

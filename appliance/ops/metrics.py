@@ -33,6 +33,10 @@ class Metrics:
         self.requests = Counter("llm_requests", "Answered requests by how they ended", ["status"],
                                 registry=self.registry)
         self.errors = Counter("llm_errors", "Requests that failed, by kind", ["kind"], registry=self.registry)
+        self.backend_latency = Histogram("r1box_backend_response_seconds", "Question to whole answer, by backend",
+                                         ["backend"], buckets=_LATENCY, registry=self.registry)
+        self.backend_ttft = Histogram("r1box_backend_first_token_seconds", "Question to first token, by backend",
+                                      ["backend"], buckets=_LATENCY, registry=self.registry)
         # known label values start at 0, so rate() works from the first failure on and alerts have a series
         for kind in ("busy", "bad_request", "internal"):
             self.errors.labels(kind)
@@ -118,6 +122,34 @@ class WeChatCollector:
         yield results
         refreshes = sum(t.refreshes for t in outbox.tokens.values())
         yield _counter("wechat_token_refreshes", "Access tokens fetched", refreshes)
+
+
+class BackendCollector:
+    """Each model backend of `r1box serve`: requests, errors, failovers, and its breaker's state."""
+
+    def __init__(self, backends):
+        self.backends = backends
+
+    def collect(self):
+        requests = CounterMetricFamily("r1box_backend_requests", "Questions asked, by backend", labels=["backend"])
+        errors = CounterMetricFamily("r1box_backend_errors", "Answers a backend failed to give", labels=["backend"])
+        failovers = CounterMetricFamily("r1box_backend_failovers", "Failed answers another backend then gave",
+                                        labels=["backend"])
+        up = GaugeMetricFamily("r1box_backend_up", "1 when questions may go to the backend (up or on trial)",
+                               labels=["backend"])
+        state = GaugeMetricFamily("r1box_backend_state", "The backend's breaker: 1 on the current state",
+                                  labels=["backend", "state"])
+        in_flight = GaugeMetricFamily("r1box_backend_in_flight", "Questions being answered", labels=["backend"])
+        for s in self.backends.states():
+            name = s["name"]
+            requests.add_metric([name], s["requests"])
+            errors.add_metric([name], s["errors"])
+            failovers.add_metric([name], s["failovers"])
+            up.add_metric([name], 0 if s["state"] == "down" else 1)
+            for each in ("up", "trial", "down"):
+                state.add_metric([name, each], 1 if s["state"] == each else 0)
+            in_flight.add_metric([name], s["in_flight"])
+        yield from (requests, errors, failovers, up, state, in_flight)
 
 
 class GpuCollector:

@@ -15,7 +15,7 @@ import socket
 
 from aiohttp import web
 
-from appliance.app_keys import CONFIG
+from appliance.app_keys import LISTENER
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ async def systemd_ctx(app: web.Application):
     if not os.environ.get("NOTIFY_SOCKET"):
         yield
         return
-    server, interval = app[CONFIG].server, watchdog_interval()
+    server, interval = app[LISTENER], watchdog_interval()
     tasks = [asyncio.create_task(_feed_watchdog(interval))] if interval else []
     if server.port:  # an ephemeral port cannot be probed; nothing runs under systemd with one
         tasks.append(asyncio.create_task(_ready_when_listening(server.own_address, server.port)))
