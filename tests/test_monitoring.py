@@ -89,7 +89,7 @@ def client_with_conversation(start_box, tiny_fp32, tmp_path, monkeypatch):
 
     import aiohttp
 
-        from appliance.app_keys import METRICS_PORT
+    from appliance.app_keys import METRICS_PORT
     from appliance.config import load_config
     from appliance.wechat.envelope import Account
     from appliance.wechat.sim import Platform, text_message
@@ -106,9 +106,11 @@ def client_with_conversation(start_box, tiny_fp32, tmp_path, monkeypatch):
         client = await start_box(load_config(path))
         request = Platform(Account("mp", "wx-mon", "t", key)).message(text_message("wx-mon", "u", "你好", 1))
         await client.post(f"/wechat?{request.query}", data=request.body)
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession() as session:  # serve's metrics, then the model process's
             async with session.get(f"http://127.0.0.1:{client.app[METRICS_PORT]}/metrics") as resp:
                 text = await resp.text()
+            async with session.get(str(client.model.make_url("/metrics"))) as resp:
+                text += await resp.text()
         names = set()
         for family in text_string_to_metric_families(text):
             # a counter family is named without _total, and has no samples until something is counted

@@ -78,6 +78,8 @@ class Backend:
         except asyncio.TimeoutError:
             raise self._fail(f"no answer within its timeouts (idle {self.config.idle_timeout_s:g} s, whole "
                              f"{self.config.timeout_s:g} s); is it overloaded or hung?") from None
+        except aiohttp.ClientPayloadError:
+            raise self._fail("the stream broke off before the answer ended; the backend may have crashed") from None
         except (aiohttp.ClientError, OSError) as e:
             raise self._fail(f"connection failed or broke ({type(e).__name__}: {e})") from None
 
