@@ -76,26 +76,25 @@ def test_the_tables_the_migrations_make(tmp_path):
                                                  "created_by": str, "created_at": float, "revoked_at": float}
 
 
-async def test_commands_and_filter_hits_from_the_dialog_reach_the_dashboard(tiny_fp32, tmp_path):
+async def test_commands_and_filter_hits_from_the_dialog_reach_the_dashboard(tmp_path):
     import datetime as dt
 
-    from appliance.app import open_chat
-    from appliance.config import DialogConfig, EngineConfig, ModelConfig
+    from appliance.backends.pool import Backends
+    from appliance.config import DialogConfig
     from appliance.dialog.engine import Dialog
     from appliance.dialog.filter import WordFilter
     from appliance.store.database import Store
 
-    chat = open_chat(ModelConfig(artifact=str(tiny_fp32), threads=1), EngineConfig(max_batch=1, max_length=256))
     store = Store(tmp_path / "dialog.db")
     store.open()
     try:
-        dialog = Dialog(chat, store, DialogConfig(max_tokens=4), WordFilter(["违禁词"]))
+        no_model = Backends((), session=None)  # commands and filtered words never reach one
+        dialog = Dialog(no_model, store, DialogConfig(max_tokens=4), WordFilter(["违禁词"]))
         for text in ("#help", "帮助", "#清除记忆", "/think on", "这是违禁词吗"):
             await dialog.answer("wx1", "u1", text)
         today = dt.datetime.now(dt.timezone.utc).date().isoformat()
         data = await store.run(analytics.dashboard, analytics.Range.parse(today, today, 0, None))
     finally:
         store.close()
-        chat.engine.stop()
     assert data["top_commands"] == [["help", 2], ["reset", 1], ["think_on", 1]]
     assert data["filter_hits"] == [1]

@@ -1,5 +1,6 @@
-"""The /metrics listener after a simulated WeChat conversation: every metric present with the values the
-conversation implies, GPU metrics absent on a machine without one."""
+"""Both processes' metrics after a simulated WeChat conversation: serve's /metrics listener (WeChat, backends) and
+the model's /metrics (the engine), every metric present with the values the conversation implies, GPU metrics
+absent on a machine without one."""
 
 import base64
 
@@ -26,11 +27,11 @@ async def client(start_box, tiny_fp32, tmp_path, monkeypatch):
     return await start_box(load_config(path))
 
 
-async def _scrape(client) -> dict[tuple, float]:
+async def _scrape(url: str) -> dict[tuple, float]:
     import aiohttp
 
     async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://127.0.0.1:{client.app[METRICS_PORT]}/metrics") as resp:
+        async with session.get(url) as resp:
             assert resp.status == 200
             text = await resp.text()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -42,7 +43,7 @@ async def test_metrics_after_a_conversation(client):
     request = platform.message(text_message(APP_ID, "m-user", "你好", 31))
     for _ in range(2):  # the platform's retry: one answer, one duplicate
         assert (await client.post(f"/wechat?{request.query}", data=request.body)).status == 200
-    m = await _scrape(client)
+    m = await _scrape(str(client.model.make_url("/metrics")))
     assert m[("llm_requests_total", (("status", "length"),))] == 1
     assert m[("llm_time_to_first_token_seconds_count", ())] == 1
     assert m[("llm_response_time_seconds_count", ())] == 1
@@ -53,6 +54,13 @@ async def test_metrics_after_a_conversation(client):
     assert m[("llm_prefix_cache_queries_total", ())] == 1 and m[("llm_prefix_cache_hits_total", ())] == 0
     assert m[("llm_execution_provider_info", (("provider", "cpu"),))] == 1
     assert m[("llm_provider_fallbacks_total", ())] == 0
+    assert ("process_resident_memory_bytes", ()) in m and not any(name.startswith("gpu_") for name, _ in m)
+    m = await _scrape(f"http://127.0.0.1:{client.app[METRICS_PORT]}/metrics")
+    assert m[("r1box_backend_requests_total", (("backend", "local"),))] == 1
+    assert m[("r1box_backend_errors_total", (("backend", "local"),))] == 0
+    assert m[("r1box_backend_up", (("backend", "local"),))] == 1
+    assert m[("r1box_backend_state", (("backend", "local"), ("state", "up")))] == 1
+    assert m[("r1box_backend_response_seconds_count", (("backend", "local"),))] == 1
     assert m[("wechat_messages_received_total", (("type", "text"),))] == 2
     assert m[("wechat_duplicates_dropped_total", ())] == 1
     assert m[("wechat_replies_total", (("mode", "passive"),))] == 1

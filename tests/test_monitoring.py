@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from appliance.ops.metrics import GpuCollector
 from tests.conftest import write_config
 
-MONITORING = Path(__file__).parent.parent / "appliance" / "monitoring"
+MONITORING = Path(__file__).parent.parent / "appliance" / "ops" / "monitoring"
 PROMQL_WORDS = {"sum", "by", "rate", "increase", "histogram_quantile", "clamp_min", "avg", "max", "le", "instance",
                 "status", "mode", "code", "gpu", "job", "up", "label_values"}
 
