@@ -15,8 +15,9 @@ from aiohttp import web
 
 from appliance.admin import auth, tls
 from appliance.admin.server import create_admin_app
-from appliance.app_keys import METRICS
-from appliance.config import load_config
+from appliance.app_keys import BACKENDS, METRICS
+from appliance.backends.pool import Backends
+from appliance.config import BackendConfig, load_config
 from appliance.ops.metrics import Metrics
 from appliance.store.database import Store
 
@@ -31,6 +32,7 @@ class Site:
     cert: Path
     words: Path
     db_path: Path
+    backends: Backends  # the main app's, never probed: states as a test sets them
 
     def client_context(self, **versions) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=str(self.cert))
@@ -82,8 +84,11 @@ async def site(tmp_path, aiohttp_server) -> Site:
     context, _ = tls.server_context("", "", tmp_path / "tls")
     main = web.Application()
     main[METRICS] = Metrics()
+    main[BACKENDS] = Backends((BackendConfig(url="http://127.0.0.1:9", name="local"),
+                               BackendConfig(url="https://hq.example:8000", name="hq", priority=1)), session=None)
     server = await aiohttp_server(create_admin_app(config, store, main), ssl=context)
-    yield Site(f"https://127.0.0.1:{server.port}", store, tmp_path / "tls" / "cert.pem", words, config.store.file)
+    yield Site(f"https://127.0.0.1:{server.port}", store, tmp_path / "tls" / "cert.pem", words, config.store.file,
+               main[BACKENDS])
     await server.close()
     store.close()
 

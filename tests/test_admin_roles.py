@@ -14,6 +14,7 @@ ENDPOINTS = [
     ("GET", "/analytics", None, "viewer"),
     ("GET", "/analytics/data", None, "viewer"),
     ("GET", "/metrics", None, "viewer"),
+    ("GET", "/backends", None, "viewer"),
     ("GET", "/words", None, "operator"),
     ("POST", "/words", {"file": "0", "words": "违禁词\n另一个"}, "operator"),
     ("POST", "/words/reload", {}, "operator"),

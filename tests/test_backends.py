@@ -6,6 +6,7 @@ and a question that waits while no backend is up and is answered once one comes 
 import asyncio
 import json
 import logging
+import re
 
 import aiohttp
 import pytest
@@ -16,6 +17,7 @@ from appliance.backends.pool import Backends
 from appliance.config import BackendConfig, load_config
 from appliance.errors import NoBackend
 from appliance.model.server import create_model_app
+from tests.admin_site import log_in, site  # noqa: F401  (site is a fixture)
 from tests.conftest import free_port, write_config
 
 HELLO = [{"role": "user", "content": "你好"}]
@@ -150,3 +152,13 @@ async def test_a_question_waits_while_no_backend_is_up_and_is_answered_once_one_
         assert (await backends.complete(HELLO, 4)).backend == "local"
     finally:
         await backends.stop()
+
+
+async def test_the_admin_pages_show_each_backend_state(site):
+    backends = site.backends
+    backends.breakers["local"].failure()
+    backends.stats["local"].last_error = "backend local (http://127.0.0.1:9): unreachable (refused)"
+    async with await log_in(site, "viewer") as http:
+        page = await (await http.get("/backends")).text()
+    rows = re.findall(r'<tr class="state-(\w+)"><td>(\w+)</td>', page)
+    assert rows == [("down", "local"), ("up", "hq")] and "unreachable (refused)" in page

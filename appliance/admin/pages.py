@@ -16,7 +16,7 @@ from aiohttp import web
 
 from appliance.admin import analytics, auth
 from appliance.admin.server import LIMITER, MAIN, metrics_of, need, record, render
-from appliance.app_keys import CONFIG, STORE, WECHAT
+from appliance.app_keys import BACKENDS, CONFIG, STORE, WECHAT
 from appliance.store.conversations import messages, users
 
 routes = web.RouteTableDef()
@@ -118,6 +118,16 @@ async def metrics(request: web.Request) -> web.Response:
     if source is None:
         raise web.HTTPNotFound(reason="no metrics in this process")
     return web.Response(body=source.exposition(), content_type="text/plain", charset="utf-8")
+
+
+@routes.get("/backends")
+@need("viewer")
+async def backends_page(request: web.Request) -> web.Response:
+    main = request.app.get(MAIN)
+    backends = main.get(BACKENDS) if main is not None else None
+    wechat = main.get(WECHAT) if main is not None else None
+    states = [{**s, "last_error_when": _when(s["last_error_at"])} for s in (backends.states() if backends else [])]
+    return render(request, "backends.html", backends=states, waiting=wechat.dialog.waiting if wechat else 0)
 
 
 def _word_files(request: web.Request) -> list[Path]:
