@@ -52,6 +52,7 @@ async def _backends_ctx(app: web.Application):
     backends = Backends(app[CONFIG].backends, session, app[METRICS])
     app[BACKENDS] = backends
     app[METRICS].watch(BackendCollector(backends))
+    await backends.probe_all()  # /healthz says "ok" only once a backend has answered
     backends.start()
     log.info("model backends: %s", ", ".join(f"{b.label} ({b.url})" for b in app[CONFIG].backends))
     yield

@@ -1,6 +1,6 @@
-"""Asking the service how it is, from the machine it runs on. The image's boot check (r1box-health), the
-container's HEALTHCHECK and `r1box health` all ask through here, so they agree with the service on where it listens
-and whether it speaks TLS ([server] host, port and tls). It imports no model runtime: a HEALTHCHECK runs every few
+"""Asking the box's services how they are, from the machine they run on. The image's boot check (r1box-health),
+the container's HEALTHCHECK and `r1box health` all ask through here, so they agree with the services on where they
+listen and whether they speak TLS ([server] for `r1box serve`, [model_server] for `r1box model`). It imports no model runtime: a HEALTHCHECK runs every few
 seconds."""
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ def healthy(answer: dict | None) -> bool:
 
 
 def wait(server: ServerConfig, timeout_s: float, give_up: Callable[[], bool] = lambda: False,
-         every_s: float = 2.0) -> dict | None:
-    """Asks until the service answers, `timeout_s` passes or `give_up()` says it never will (a failed unit)."""
+         every_s: float = 2.0, until: Callable[[dict], bool] = lambda answer: True) -> dict | None:
+    """Asks until the service answers (and its answer satisfies `until`), `timeout_s` passes or `give_up()` says
+    it never will (a failed unit); the last answer."""
     deadline = time.monotonic() + timeout_s
     while True:
         answer = probe(server.own_url)
-        if answer is not None or time.monotonic() >= deadline or give_up():
+        if (answer is not None and until(answer)) or time.monotonic() >= deadline or give_up():
             return answer
         time.sleep(every_s)
