@@ -116,10 +116,12 @@ class Backend:
                                  "[[backends]] model or the backend")
             for choice in chunk.get("choices") or []:
                 delta = choice.get("delta") or {}
-                if delta.get("content") or delta.get("reasoning_content"):
+                # DeepSeek's name for the reasoning; newer vLLM and Ollama call it `reasoning`
+                thought = delta.get("reasoning_content") or delta.get("reasoning") or ""
+                if delta.get("content") or thought:
                     first = first or time.monotonic()
                 content.append(delta.get("content") or "")
-                reasoning.append(delta.get("reasoning_content") or "")
+                reasoning.append(thought)
                 finish = choice.get("finish_reason") or finish
         if finish is None:
             raise self._fail("the stream ended before the answer did (no finish_reason); the backend may have "
