@@ -1,5 +1,6 @@
 """The firmware image, built by `just image` (or reused from ~/.cache/r1box/image) and booted for real in QEMU:
-its partition layout; one boot that serves a WeChat message and shows the restart policy; one that installs an
+its partition layout; one boot that serves a WeChat message, survives a killed model process and shows the
+restart policy; one that installs an
 update, keeps it, then installs a broken one and watches the box go back to the previous slot by itself."""
 
 import subprocess
@@ -42,8 +43,8 @@ def test_partition_layout(image):
     assert (image.parent / f"{image.stem}.root.ext4").exists()
 
 
-def _unit(vm: Vm) -> dict:
-    rc, out = vm.agent.run("systemctl show r1box -p MainPID,ActiveState,SubState,Result,NRestarts")
+def _unit(vm: Vm, name: str = "r1box") -> dict:
+    rc, out = vm.agent.run(f"systemctl show {name} -p MainPID,ActiveState,SubState,Result,NRestarts")
     assert rc == 0, out
     return dict(line.split("=", 1) for line in out.split())
 
@@ -66,7 +67,16 @@ def test_box_serves_wechat_and_keeps_its_restart_policy(image, tmp_path):
         rc, security = vm.agent.run("systemd-analyze security r1box.service --no-pager | tail -1")
         print(security.strip())
 
-        # one crash: systemd restarts it, and it comes back healthy
+        # the model process killed: systemd restarts it, serve lives on and answers through it again
+        model = _unit(vm, "r1box-model")
+        assert model["ActiveState"] == "active" and model["NRestarts"] == "0"
+        vm.agent.run(f"kill -9 {model['MainPID']}")
+        vm.wait_for(lambda: (u := _unit(vm, "r1box-model"))["ActiveState"] == "active" and u["MainPID"] not in
+                    ("0", model["MainPID"]) and u, 300, "the model's restart")
+        assert wechat_sim(vm, env, "还在吗") != LATER
+        assert _unit(vm)["NRestarts"] == "0"
+
+        # one crash of serve: systemd restarts it, and it comes back healthy
         first = _unit(vm)
         assert first["ActiveState"] == "active" and first["NRestarts"] == "0"
         vm.agent.run(f"kill -9 {first['MainPID']}")
