@@ -53,7 +53,11 @@ bench-analytics MESSAGES="1000000": install
 admin-add-user NAME ROLE="admin" *ARGS: install
     {{venv}}/bin/r1box admin add-user {{NAME}} --role {{ROLE}} {{ARGS}}
 
-# run the service (local API on 127.0.0.1:8080; WeChat with later stages) with a TOML config, or the defaults
+# the model service: the engine behind its OpenAI-compatible API ([model_server], 127.0.0.1:8081 by default)
+model *ARGS: install
+    {{venv}}/bin/r1box model {{ARGS}}
+
+# the service: WeChat callbacks, dialog, store, admin pages ([server], 127.0.0.1:8080); its model is `just model`
 serve *ARGS: install
     {{venv}}/bin/r1box serve {{ARGS}}
 

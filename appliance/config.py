@@ -75,11 +75,17 @@ class DialogConfig:
     welcome: str = "您好，欢迎关注！我是本网点的智能助理，有问题请直接发消息给我。"
     reset_reply: str = "好的，之前的对话已清除。"
     word_lists: tuple[str, ...] = ()
+    # while no model backend answers: the operators' frequently asked questions, answered from the store
+    answer_cache: bool = True
+    answer_cache_similarity: float = 0.6  # how close a question must be to an entry (appliance/dialog/answer_cache.py)
+    answer_cache_note: str = "（智能助理暂时无法连线，以上是预先审核的常见问题答复；其他问题会在恢复后回答。）"
 
     def __post_init__(self):
         if min(self.memory_turns, self.memory_minutes, self.memory_tokens, self.rate_per_minute) < 0 \
                 or self.max_tokens < 1:
             raise ValueError("memory_turns, memory_minutes, memory_tokens, rate_per_minute ≥ 0 and max_tokens ≥ 1")
+        if not 0 < self.answer_cache_similarity <= 1:
+            raise ValueError("answer_cache_similarity must be above 0 and at most 1")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from appliance.app_keys import CHAT
 from appliance.backends.pool import Backends
 from appliance.config import BackendConfig, load_config
 from appliance.errors import NoBackend

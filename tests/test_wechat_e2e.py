@@ -12,7 +12,8 @@ from appliance.app_keys import CHAT, WECHAT
 from appliance.config import load_config
 from appliance.wechat.envelope import Account
 from appliance.wechat.sim import Platform, text_message
-from tests.conftest import write_config
+from tests.conftest import free_port, write_config
+from tests.model_process import ModelProcess
 
 pytestmark = pytest.mark.slow
 
@@ -90,10 +91,10 @@ async def test_a_slow_answer_arrives_by_push_and_survives_a_network_cut(start_bo
 
 
 def test_the_readme_trial_config_answers_in_every_mode(tmp_path):
+    import json
     import os
     import re
     import signal
-    import socket
     import subprocess
     import sys
     import urllib.request
@@ -101,25 +102,25 @@ def test_the_readme_trial_config_answers_in_every_mode(tmp_path):
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     block = re.search(r"<!-- trial-config -->\s*```toml\n(.*?)```", readme, re.S).group(1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port, model_port = free_port(), free_port()
     config = tmp_path / "trial.toml"
-    # the README's block as it is; the test adds a free port, and a short answer so it fits the 5-second reply
-    config.write_text(block + f"\n[server]\nport = {port}\n[metrics]\nport = 0\n[admin]\nport = 0\n"
-                      "[dialog]\nmax_tokens = 64\n")
+    # the README's block as it is; the test adds free ports, and a short answer so it fits the 5-second reply
+    config.write_text(block + f"\n[server]\nport = {port}\n[model_server]\nport = {model_port}\n[metrics]\nport = 0\n"
+                      "[admin]\nport = 0\n[dialog]\nmax_tokens = 64\n")
     env = dict(os.environ, R1BOX_DATA=str(tmp_path))
     cli = [sys.executable, "-m", "appliance.cli"]
+    model = ModelProcess(config, model_port, env).start()
     server = subprocess.Popen(cli + ["serve", "--config", str(config)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:
         for _ in range(600):
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                break
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as resp:
+                    if json.load(resp)["status"] == "ok":
+                        break
             except OSError:
                 assert server.poll() is None, server.stdout.read()
-                time.sleep(0.2)
+            time.sleep(0.2)
         for mode in ("plain", "compat", "safe"):
             sim = subprocess.run(cli + ["wechat-sim", "一加一等于几？", "--config", str(config), "--mode", mode],
                                  env=env, capture_output=True, text=True, timeout=60)
@@ -128,3 +129,4 @@ def test_the_readme_trial_config_answers_in_every_mode(tmp_path):
     finally:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=30)
+        model.stop()

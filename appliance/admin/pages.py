@@ -16,6 +16,7 @@ from aiohttp import web
 
 from appliance.admin import analytics, auth
 from appliance.admin.server import LIMITER, MAIN, metrics_of, need, record, render
+from appliance.dialog import answer_cache
 from appliance.app_keys import BACKENDS, CONFIG, STORE, WECHAT
 from appliance.store.conversations import messages, users
 
@@ -192,6 +193,37 @@ async def outbox_retry(request: web.Request) -> web.Response:
     await record(request, "outbox_retry", {"id": item, "due": done})
     return await outbox_page(request, f"Message {item} is due now: the outbox sends it within 30 s." if done
                              else f"Message {item} is not pending.")
+
+
+@routes.get("/answers")
+@need("operator")
+async def answers_page(request: web.Request, **context) -> web.Response:
+    rows = await request.app[STORE].run(answer_cache.entries)
+    for row in rows:
+        row["updated"] = _when(row["updated_at"])
+    return render(request, "answers.html", rows=rows, **context)
+
+
+@routes.post("/answers")
+@need("operator")
+async def answer_add(request: web.Request) -> web.Response:
+    form = await request.post()
+    account = _form_text(form, "account", 64)
+    question, answer = _form_text(form, "question", 500), _form_text(form, "answer", 2000)
+    if not question or not answer:
+        return await answers_page(request, error="A question and its approved answer are both needed.")
+    entry = await request.app[STORE].run(answer_cache.add, account, question, answer, request["actor"].name)
+    await record(request, "answer_cache_added", {"id": entry, "account": account, "question": question})
+    return await answers_page(request, notice=f"Added entry {entry}.")
+
+
+@routes.post("/answers/delete")
+@need("operator")
+async def answer_delete(request: web.Request) -> web.Response:
+    entry = await _posted_id(request)
+    gone = await request.app[STORE].run(answer_cache.remove, entry)
+    await record(request, "answer_cache_deleted", {"id": entry, "existed": gone})
+    return await answers_page(request, notice=f"Deleted entry {entry}." if gone else f"No entry {entry}.")
 
 
 async def _posted_id(request: web.Request) -> int:

@@ -3,8 +3,9 @@
 It keeps each user's recent turns in the store (bounded in number and age), answers a few commands itself (reset,
 help), filters what comes in and what goes out, and asks a model through the backends (appliance/backends/) with
 reasoning discarded: a WeChat user sees only the answer. Turns are stored sealed, under the user's keyed hash.
-When no backend can answer, the question waits (it is already recorded in the store) and is asked again, whole,
-once one answers its probe: nothing is remembered of it until an answer came.
+When no backend can answer, a question close to one of the operators' frequently asked ones gets its approved
+answer from the answer cache at once, marked as such; any other waits (it is already recorded in the store) and is
+asked again, whole, once a backend answers its probe: nothing is remembered of it until an answer came.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections import defaultdict, deque
 from appliance.store import audit
 from appliance.backends.pool import Backends
 from appliance.config import DialogConfig
+from appliance.dialog import answer_cache
 from appliance.dialog.filter import WordFilter
 from appliance.dialog.wechat_text import plain_text
 from appliance.errors import NoBackend, UnreadableValue
@@ -40,6 +42,7 @@ class Dialog:
         self.system_prompts = {k: v for k, v in (system_prompts or {}).items() if v}  # per account, else config
         self.filter_hits = {"in": 0, "out": 0}
         self.waiting = 0  # questions held until a backend answers again
+        self.cache_answers = 0  # answered from the answer cache while no backend could
         self.show_reasoning: set[tuple[str, str]] = set()  # users who asked to see the model's reasoning
         self._recent: dict[tuple[str, str], deque[float]] = defaultdict(deque)
 
@@ -83,9 +86,8 @@ class Dialog:
         system = self.system_prompts.get(account, self.config.system_prompt)
         messages = [{"role": "system", "content": system}] if system else []
         messages += history + [{"role": "user", "content": text}]
-        completion = await self._ask(messages)
-        answer = plain_text(completion.content)
-        thought = completion.reasoning.strip()
+        answer, thought = await self._ask(account, text, messages)
+        answer, thought = plain_text(answer), thought.strip()
         if who in self.show_reasoning and thought:
             answer = f"【思考】{plain_text(thought)}\n\n【回答】{answer}"
         if hits := self.filter.hits(answer):
@@ -96,11 +98,21 @@ class Dialog:
         await self.store.run(_remember, self.store.vault, account, user, text, answer)
         return answer
 
-    async def _ask(self, messages: list[dict]):
+    async def _ask(self, account: str, text: str, messages: list[dict]) -> tuple[str, str]:
+        """The answer and its reasoning from a backend; while none can answer, an approved answer from the cache,
+        or else the wait for one to come back."""
         while True:
             try:
-                return await self.backends.complete(messages, self.config.max_tokens)
+                completion = await self.backends.complete(messages, self.config.max_tokens)
+                return completion.content, completion.reasoning
             except NoBackend as e:
+                if self.config.answer_cache:
+                    cached = await self.store.run(answer_cache.lookup, account, text,
+                                                  self.config.answer_cache_similarity)
+                    if cached:
+                        self.cache_answers += 1
+                        log.info("no backend can answer; answered from the answer cache")
+                        return f"{cached}\n{self.config.answer_cache_note}", ""
                 self.waiting += 1
                 log.warning("%s; the question waits in the store for a backend to come back", e)
                 try:

@@ -107,6 +107,10 @@ class WeChatCollector:
         for mode in ("passive", "pushed", "pulled"):
             replies.add_metric([mode], c[mode])
         yield replies
+        yield _counter("wechat_answer_cache_answers", "Questions answered from the answer cache while no backend "
+                       "could", self.dialog.cache_answers)
+        yield _gauge("wechat_questions_waiting_for_backend", "Questions held until a backend answers again",
+                     self.dialog.waiting)
         hits = CounterMetricFamily("wechat_filter_hits", "Sensitive-word hits", labels=["direction"])
         for direction, n in self.dialog.filter_hits.items():
             hits.add_metric([direction], n)

@@ -192,6 +192,15 @@ def _m0008_analytics_rollups(db: sqlite_utils.Database) -> None:
                f"WHERE {counted} AND answered_at IS NOT NULL GROUP BY 1, 2, 3")
 
 
+def _m0009_answer_cache(db: sqlite_utils.Database) -> None:
+    """Frequently asked questions with approved answers, for when no model backend answers
+    (appliance/dialog/answer_cache.py). account '' is every account."""
+    db["answer_cache"].create({"id": int, "account": str, "question": str, "normalized": str, "answer": str,
+                               "created_by": str, "created_at": float, "updated_at": float}, pk="id",
+                              not_null={"account", "question", "normalized", "answer"})
+    db["answer_cache"].create_index(["account"])
+
+
 # Append only: a released migration is never edited or reordered; its name is recorded once applied.
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_wechat_inbound", _m0001_wechat_inbound),
@@ -202,6 +211,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0006_vault_keys_and_append_only_audit", _m0006_vault_keys_and_append_only_audit),
     ("0007_admin_accounts", _m0007_admin_accounts),
     ("0008_analytics_rollups", _m0008_analytics_rollups),
+    ("0009_answer_cache", _m0009_answer_cache),
 ]
 
 
