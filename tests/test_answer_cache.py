@@ -4,7 +4,6 @@ answered by the model once it is back. The matching, the table, and the admin pa
 
 import asyncio
 
-
 from appliance.app import create_app
 from appliance.app_keys import BACKENDS, STORE, WECHAT
 from appliance.config import load_config
