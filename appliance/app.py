@@ -126,7 +126,7 @@ def _wechat_ctx(callbacks: Callbacks):
 
 
 async def _metrics_ctx(app: web.Application):
-    """/metrics on its own listener, so the office network can reach the API without reaching the metrics."""
+    """/metrics on its own listener, so the office network can reach the callbacks without reaching the metrics."""
     metrics, config = app[METRICS], app[CONFIG].metrics
 
     async def serve(request: web.Request) -> web.Response:

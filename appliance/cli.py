@@ -8,8 +8,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from appliance.store import commands as store_commands
 from appliance.errors import R1boxError
+from appliance.store import commands as store_commands
 
 EXPORT_EXTRA = "this command needs the export stage: pip install 'r1box[export]'"
 
@@ -64,8 +64,8 @@ def _int8_layers(flag: str | None, source: str) -> tuple[str, ...]:
 
 
 def _open_chat(artifact: str | None, max_tokens: int):
-    from appliance.model.server import open_chat
     from appliance.config import EngineConfig, ModelConfig
+    from appliance.model.server import open_chat
 
     if artifact is None:
         _export_stage()
@@ -191,9 +191,9 @@ def cmd_admin_add_user(args) -> None:
     """The first admin (or any user) from the box's shell; the password from stdin or a prompt, never a flag."""
     import getpass
 
-    from appliance.store import audit
     from appliance.admin import auth
     from appliance.config import load_config
+    from appliance.store import audit
     from appliance.store.database import open_database
 
     config = load_config(args.config)

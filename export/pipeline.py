@@ -10,14 +10,14 @@ import shutil
 from pathlib import Path
 
 from appliance.errors import ExportError
-from appliance.model.manifest import Manifest, load_manifest
 from appliance.model.decoder import Decoder
+from appliance.model.manifest import Manifest, load_manifest
 from appliance.model.tokenizer import ChatTokenizer
+from export.catalog import Architecture
 from export.manifest_writer import architecture, chat_section, write_manifest
 from export.parity import parity_report, source_references
 from export.progress import say, step
 from export.quantize import QuantConfig, quantize
-from export.catalog import Architecture
 from export.qwen2_graph import build_qwen2_graph, check_supported
 from export.source import load_model, resolve
 

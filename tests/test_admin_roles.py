@@ -7,7 +7,7 @@ import json
 import pytest
 
 from appliance.admin import auth
-from tests.admin_site import ROLES, log_in, csrf_of, site  # noqa: F401  (site is a fixture)
+from tests.admin_site import ROLES, csrf_of, log_in, site  # noqa: F401  (site is a fixture)
 
 # (method, path, form or None, the least role); forms are filled per call (see _form)
 ENDPOINTS = [

@@ -21,10 +21,10 @@ import pytest
 
 from appliance.admin.tls import fingerprint, make_self_signed
 from appliance.app import create_app
-from appliance.model.server import create_model_app
 from appliance.app_keys import ADMIN_PORT
 from appliance.config import load_config
 from appliance.errors import ConfigError
+from appliance.model.server import create_model_app
 from tests.conftest import free_port, write_config
 
 PASSWORD = "a first admin password"

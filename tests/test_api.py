@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from appliance.model.server import create_model_app
 from appliance.config import load_config
+from appliance.model.server import create_model_app
 from tests.conftest import read_manifest, write_config
 
 GREEDY = {"temperature": 0, "max_tokens": 8}

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from appliance.cli import main
-from appliance.store.conversations import conversation
 from appliance.dialog.engine import _remember
+from appliance.store.conversations import conversation
 from appliance.store.database import Store
 
 SECRET = "保险箱密码是四八一五"
@@ -150,8 +150,8 @@ def test_chunks_are_bound_to_their_place(tmp_path, monkeypatch, change):
     import io
     import os
 
-    from appliance.store import backup as backup_module
     from appliance.errors import VaultError
+    from appliance.store import backup as backup_module
     from appliance.store.vault import Keyring
 
     monkeypatch.setattr(backup_module, "CHUNK", 1000)

@@ -4,9 +4,9 @@ prefilled at once or in chunks, alone or decoded in a batch beside sequences of 
 import numpy as np
 import pytest
 
+from appliance.model.decoder import Decoder
 from appliance.model.generate import generate
 from appliance.model.manifest import load_manifest
-from appliance.model.decoder import Decoder
 from appliance.model.tokenizer import ChatTokenizer
 
 

@@ -10,11 +10,11 @@ import pytest
 
 from appliance.app_keys import STORE
 from appliance.config import load_config
-from appliance.store.conversations import conversation, messages, users
 from appliance.dialog.engine import _recent_turns, _remember
 from appliance.errors import UnreadableValue, VaultError
-from appliance.store.rotation import rotate
+from appliance.store.conversations import conversation, messages, users
 from appliance.store.database import Store
+from appliance.store.rotation import rotate
 from appliance.wechat.envelope import Account
 from appliance.wechat.sim import Platform, event_message, text_message
 from tests.conftest import write_config

@@ -6,11 +6,11 @@ import asyncio
 import pytest
 
 from appliance.config import EngineConfig
-from appliance.model.engine import Engine, Finish
 from appliance.errors import EngineBusy, RequestError
+from appliance.model.decoder import Decoder
+from appliance.model.engine import Engine, Finish
 from appliance.model.generate import generate
 from appliance.model.manifest import load_manifest
-from appliance.model.decoder import Decoder
 from appliance.model.sampling import SamplingParams
 from appliance.model.tokenizer import ChatTokenizer
 

@@ -3,9 +3,9 @@
 import onnxruntime as ort
 import pytest
 
+from appliance.model.decoder import Decoder, open_decoder
 from appliance.model.generate import generate
 from appliance.model.manifest import load_manifest
-from appliance.model.decoder import Decoder, open_decoder
 from export.pipeline import export_model
 from export.quantize import QuantConfig
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from appliance.admin.tls import fingerprint
-from firmware_image.boot_check import box_disk, box_secrets, wechat_sim, LATER
+from firmware_image.boot_check import LATER, box_disk, box_secrets, wechat_sim
 from firmware_image.images import build
 from firmware_image.vm import Vm, partitions
 

@@ -13,8 +13,8 @@ from appliance.cli import main
 from appliance.config import load_config
 from appliance.dialog.engine import _remember
 from appliance.errors import ConfigError
-from appliance.store.retention import DAY_S, purge_expired, purge_user
 from appliance.store.database import Store
+from appliance.store.retention import DAY_S, purge_expired, purge_user
 from appliance.wechat.envelope import Account
 from appliance.wechat.service import Inbound, _record
 from appliance.wechat.sim import Platform, event_message, text_message

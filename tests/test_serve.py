@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+
 from tests.conftest import write_config
 
 

@@ -16,8 +16,8 @@ from aiohttp import web
 
 from appliance.admin import analytics, auth
 from appliance.admin.server import LIMITER, MAIN, metrics_of, need, record, render
-from appliance.dialog import answer_cache
 from appliance.app_keys import BACKENDS, CONFIG, STORE, WECHAT
+from appliance.dialog import answer_cache
 from appliance.store.conversations import messages, users
 
 routes = web.RouteTableDef()

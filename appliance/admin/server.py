@@ -15,11 +15,11 @@ from pathlib import Path
 import jinja2
 from aiohttp import web
 
-from appliance.store import audit
 from appliance.admin import auth, tls
 from appliance.admin.analytics import set_clock
 from appliance.app_keys import ADMIN_PORT, CONFIG, METRICS, STORE
 from appliance.config import Config
+from appliance.store import audit
 from appliance.store.database import Store
 
 log = logging.getLogger(__name__)

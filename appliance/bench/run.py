@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from appliance.config import EngineConfig
+from appliance.model.decoder import Decoder, default_threads
 from appliance.model.engine import Engine, Finish
 from appliance.model.manifest import load_manifest
-from appliance.model.decoder import Decoder, default_threads
 from appliance.model.sampling import SamplingParams
 from appliance.model.tokenizer import ChatTokenizer
 

@@ -14,13 +14,13 @@ import logging
 import time
 from collections import defaultdict, deque
 
-from appliance.store import audit
 from appliance.backends.pool import Backends
 from appliance.config import DialogConfig
 from appliance.dialog import answer_cache
 from appliance.dialog.filter import WordFilter
 from appliance.dialog.wechat_text import plain_text
 from appliance.errors import NoBackend, UnreadableValue
+from appliance.store import audit
 from appliance.store.database import Store
 from appliance.store.transaction import transaction
 

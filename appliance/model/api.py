@@ -1,4 +1,5 @@
-"""The local API: OpenAI-compatible chat completions (plain and server-sent events), the model list, and health.
+"""The model service's API: OpenAI-compatible chat completions (plain and server-sent events), the model list
+and health.
 
 Reasoning goes in `reasoning_content`, apart from `content`, as DeepSeek's own API does. Errors come back in
 OpenAI's shape, {"error": {"message", "type", "code"}}, from one middleware.
@@ -15,10 +16,10 @@ import uuid
 from aiohttp import web
 
 from appliance.app_keys import API_KEYS, CHAT
-from appliance.model.chat import Delta
 from appliance.config import is_loopback
-from appliance.model.engine import Finish
 from appliance.errors import EngineBusy, R1boxError, RequestError
+from appliance.model.chat import Delta
+from appliance.model.engine import Finish
 
 log = logging.getLogger(__name__)
 

@@ -10,13 +10,13 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from appliance.model.engine import Engine, Finish
 from appliance.errors import EngineBusy, RequestError
-from appliance.ops.metrics import Metrics, StreamTimer
+from appliance.model.engine import Engine, Finish
 from appliance.model.manifest import Manifest
 from appliance.model.reasoning import ReasoningSplitter
 from appliance.model.sampling import R1_DEFAULTS, SamplingParams
 from appliance.model.tokenizer import ChatTokenizer
+from appliance.ops.metrics import Metrics, StreamTimer
 
 ROLES = ("system", "user", "assistant")
 

@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from appliance.store import audit
 from appliance.errors import VaultError
+from appliance.store import audit
 from appliance.store.database import MIGRATIONS, StoreError, lock_file, open_database
 from appliance.store.vault import Keyring, open_vault
 

@@ -8,8 +8,8 @@ import argparse
 import json
 from pathlib import Path
 
-from appliance.store.audit import command_actor
 from appliance.errors import R1boxError
+from appliance.store.audit import command_actor
 
 
 def _config(args):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 
-from appliance.store import audit
 from appliance.errors import UnreadableValue
+from appliance.store import audit
 from appliance.store.transaction import transaction
 from appliance.store.vault import Vault, record_keys
 

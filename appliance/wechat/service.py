@@ -19,10 +19,10 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 from appliance.dialog.engine import Dialog
-from appliance.errors import UnreadableValue
-from appliance.store.retention import purge_user
-from appliance.store.database import Store
 from appliance.dialog.wechat_text import wechat_pieces
+from appliance.errors import UnreadableValue
+from appliance.store.database import Store
+from appliance.store.retention import purge_user
 from appliance.wechat.outbox import Outbox
 
 log = logging.getLogger(__name__)
