@@ -123,6 +123,18 @@ async def test_the_breaker_lets_a_recovered_backend_back_after_one_good_trial(ai
     assert backends.states()[0]["state"] == "up"
 
 
+async def test_a_backend_that_only_missed_its_probe_is_up_again_without_a_trial(aiohttp_server, model_config,
+                                                                                session):
+    port = free_port()
+    backends = Backends((BackendConfig(url=f"http://127.0.0.1:{port}", name="loading"),), session)
+    await backends.probe_all()  # still loading its model: refused
+    assert backends.states()[0]["state"] == "down" and not backends.any_up
+    await aiohttp_server(create_model_app(model_config), port=port)
+    backends.breakers["loading"].opened_at -= 60
+    await backends.probe_all()
+    assert backends.states()[0]["state"] == "up" and backends.any_up  # no answer of it ever failed
+
+
 async def test_a_full_backend_spills_over_to_the_next(model, aiohttp_server, model_config, session):
     other = await aiohttp_server(create_model_app(model_config))
     backends = Backends((BackendConfig(url=_url(model), name="small", max_concurrent=1),
@@ -155,7 +167,7 @@ async def test_a_question_waits_while_no_backend_is_up_and_is_answered_once_one_
 
 async def test_the_admin_pages_show_each_backend_state(site):
     backends = site.backends
-    backends.breakers["local"].failure()
+    backends.breakers["local"].failure(answering=True)
     backends.stats["local"].last_error = "backend local (http://127.0.0.1:9): unreachable (refused)"
     async with await log_in(site, "viewer") as http:
         page = await (await http.get("/backends")).text()

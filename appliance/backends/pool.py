@@ -2,10 +2,11 @@
 
 Backends are an ordered list ([[backends]]; the box's own `r1box model` first by default). A question goes to the
 best backend that is up and has room: lowest priority first, shared by weight among equals, the next one when it
-is full. Each backend has a circuit breaker: a failure opens it (no more questions), the background probe
-(GET /v1/models every probe_interval_s) lets one trial question through once it answers again (half-open), and a
-good answer closes it. A failed answer is asked whole of the next backend. When none can answer, NoBackend goes
-up to the WeChat service, which keeps the question recorded and asks again once `wait_up()` returns.
+is full. Each backend has a circuit breaker: a failure opens it (no more questions); the background probe
+(GET /v1/models every probe_interval_s) closes it once it answers again, or, where an answer had failed, lets one
+trial question through first (half-open), whose good answer closes it. A failed answer is asked whole of the next
+backend. When none can answer, NoBackend goes up to the dialog, which answers from the answer cache or holds the
+question (recorded in the store) until `wait_up()` returns.
 """
 
 from __future__ import annotations
@@ -40,23 +41,31 @@ class BackendStats:
 
 
 class Breaker:
-    """closed (up) → a failure → open (down) → the probe answers → half-open (one trial) → closed, or open again
-    with a doubled wait before the next probe may reopen it."""
+    """closed (up) → a failure → open (down) → the probe answers → closed again, or, when it was an answer that
+    failed, half-open (one trial question) first → closed; a failed trial opens it again with a doubled wait before
+    the next probe may let it back."""
 
     def __init__(self, base_cooldown_s: float = 1.0, max_cooldown_s: float = 30.0):
         self.state, self.cooldown_s = CLOSED, base_cooldown_s
         self.base_s, self.max_s, self.opened_at, self.trial = base_cooldown_s, max_cooldown_s, 0.0, False
+        self.answer_failed = False  # the probe alone cannot vouch for a backend whose answers failed
 
     def allow(self) -> bool:
         return self.state == CLOSED or (self.state == HALF_OPEN and not self.trial)
 
     def success(self) -> None:
-        self.state, self.cooldown_s, self.trial = CLOSED, self.base_s, False
+        self.state, self.cooldown_s, self.trial, self.answer_failed = CLOSED, self.base_s, False, False
 
-    def failure(self) -> None:
+    def failure(self, answering: bool) -> None:
         if self.state == HALF_OPEN:  # it answered the probe but not a question: wait longer before trusting it
             self.cooldown_s = min(self.cooldown_s * 2, self.max_s)
         self.state, self.opened_at, self.trial = OPEN, time.monotonic(), False
+        self.answer_failed = self.answer_failed or answering
+
+    def probed(self) -> None:
+        """It answered its probe."""
+        if self.state == OPEN:
+            self.state = HALF_OPEN if self.answer_failed else CLOSED
 
     def probe_due(self) -> bool:
         return self.state == OPEN and time.monotonic() - self.opened_at >= self.cooldown_s
@@ -111,7 +120,7 @@ class Backends:
         except BackendError as e:
             stats.errors += 1
             stats.last_error, stats.last_error_at = str(e), time.time()
-            breaker.failure()
+            breaker.failure(answering=True)
             self._update_up()
             raise
         except BaseException:
@@ -172,13 +181,14 @@ class Backends:
                 log.warning("%s; no questions go to it until it answers again", e, extra={"backend": backend.label})
                 stats = self.stats[backend.label]
                 stats.last_error, stats.last_error_at = str(e), time.time()
-                breaker.failure()
+                breaker.failure(answering=False)
             else:
                 breaker.opened_at = time.monotonic()
             return
         if breaker.state == OPEN:
-            breaker.state = HALF_OPEN
-            log.info("backend %s answers again; the next question is its trial", backend.label,
+            breaker.probed()
+            log.info("backend %s answers again%s", backend.label,
+                     "; the next question is its trial" if breaker.state == HALF_OPEN else "",
                      extra={"backend": backend.label})
 
     async def probe_all(self) -> None:
