@@ -151,8 +151,12 @@ class BackendConfig:
     weight: int = 1
     max_concurrent: int = 8  # questions in flight to this backend; more go to the next one
     connect_timeout_s: float = 3.0
-    idle_timeout_s: float = 30.0  # longest silence inside an answer (and before its first token) before failover
-    timeout_s: float = 300.0  # the whole answer
+    # a hang is silence: idle_timeout_s between two lines of the stream once it has begun (r1box sends a comment
+    # every 5 s while it prefills), first_token_timeout_s before the first token (engines that say nothing while
+    # they prefill a long prompt), timeout_s for the whole answer
+    idle_timeout_s: float = 30.0
+    first_token_timeout_s: float = 300.0
+    timeout_s: float = 900.0
     verify_tls: bool = True  # False: a box's self-signed certificate (prefer an https URL with a pinned CA)
     key: str = field(default="", repr=False)  # read from key_env, never from the file
 
@@ -161,8 +165,9 @@ class BackendConfig:
             raise ValueError(f"url must start with http:// or https://, not {self.url!r}")
         if self.weight < 1 or self.max_concurrent < 1:
             raise ValueError("weight and max_concurrent must be at least 1")
-        if min(self.connect_timeout_s, self.idle_timeout_s, self.timeout_s) <= 0:
-            raise ValueError("connect_timeout_s, idle_timeout_s and timeout_s must be positive")
+        if min(self.connect_timeout_s, self.idle_timeout_s, self.first_token_timeout_s, self.timeout_s) <= 0:
+            raise ValueError("connect_timeout_s, idle_timeout_s, first_token_timeout_s and timeout_s must be "
+                             "positive")
 
     @property
     def label(self) -> str:

@@ -120,3 +120,18 @@ async def test_api_keys_are_required_when_configured(aiohttp_client, config, mon
     assert (await client.get("/v1/models", headers={"Authorization": "Bearer wrong"})).status == 401
     assert (await client.get("/v1/models", headers={"Authorization": "Bearer k-two"})).status == 200
     assert (await client.get("/healthz")).status == 200
+
+
+async def test_a_silent_stream_says_keep_alive_until_its_first_token(client, monkeypatch):
+    from appliance.model import api
+
+    monkeypatch.setattr(api, "KEEPALIVE_S", 0.01)
+    long = {"messages": HELLO, "temperature": 0, "max_tokens": 100}
+    busy = [asyncio.create_task(client.post("/v1/chat/completions", json=long)) for _ in range(2)]  # both slots
+    await asyncio.sleep(0.05)
+    resp = await client.post("/v1/chat/completions", json={**long, "max_tokens": 4, "stream": True})
+    lines = (await resp.text()).splitlines()
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data: "))
+    assert resp.status == 200 and ": keep-alive" in lines[:first_data] and "data: [DONE]" in lines
+    for task in busy:
+        assert (await task).status == 200

@@ -42,6 +42,9 @@ def faulty_backend(fault: str) -> web.Application:
             await asyncio.sleep(30)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        if fault == "hang mid-stream":
+            await response.write(_chunk({"content": "半个"}))
+            await asyncio.sleep(30)
         if fault == "garbage":
             await response.write(b"data: <html>502 Bad Gateway</html>\n\n")
         elif fault == "other model":
@@ -85,6 +88,7 @@ def _url(server) -> str:
     ("cut", "the stream ended before the answer did"),
     ("reset", "the stream broke off before the answer ended"),
     ("hang", "no answer within its timeouts"),
+    ("hang mid-stream", "no answer within its timeouts"),
     ("5xx", "answered 500"),
     ("wrong key", "refused our key (401); put a key it accepts in $FAULTY_KEY"),
     ("other model", "answers with model 'someone-else', not the configured 'tiny'"),
@@ -93,7 +97,7 @@ async def test_a_faulty_backend_fails_over_to_the_next_with_the_whole_answer(aio
                                                                              logged, caplog):
     faulty = await aiohttp_server(faulty_backend(fault))
     backends = Backends((BackendConfig(url=_url(faulty), name="faulty", key_env="FAULTY_KEY", idle_timeout_s=0.5,
-                                       model="tiny" if fault == "other model" else ""),
+                                       first_token_timeout_s=0.5, model="tiny" if fault == "other model" else ""),
                          BackendConfig(url=_url(model), name="local", priority=1)), session)
     with caplog.at_level(logging.WARNING):
         completion = await backends.complete(HELLO, 8)

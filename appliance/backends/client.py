@@ -1,8 +1,10 @@
 """One model backend: a server that speaks OpenAI's chat completions with server-sent events (another r1box, vLLM,
 llama.cpp's llama-server, Ollama, SGLang), asked for one whole answer.
 
-The answer streams in, so a backend that hangs is noticed by its silence (idle_timeout_s) rather than only at the
-end, and the time to its first token is measured. Anything short of a whole answer (a refused connection, a 5xx,
+The answer streams in, so a backend that hangs is noticed by its silence rather than only at the end: before the
+first token it may think for first_token_timeout_s (a long prompt's prefill), but once it has said anything, even a
+keep-alive comment as r1box sends while it prefills, idle_timeout_s between two lines is the limit. The time to
+its first token is measured. Anything short of a whole answer (a refused connection, a 5xx,
 a wrong key, another model than configured, a line that is not JSON, a stream that ends before its finish_reason)
 is a BackendError naming the backend and what to check: the caller then asks the next backend for the whole
 answer, so a user never gets half of one answer and half of another.
@@ -66,8 +68,9 @@ class Backend:
         body = {"messages": messages, "stream": True, "max_tokens": max_tokens}
         if self.config.model:
             body["model"] = self.config.model
+        # the headers may wait as long as the first token; then _read_stream times each line
         timeout = aiohttp.ClientTimeout(total=self.config.timeout_s, sock_connect=self.config.connect_timeout_s,
-                                        sock_read=self.config.idle_timeout_s)
+                                        sock_read=self.config.first_token_timeout_s)
         try:
             async with self.session.post(self.base + "/v1/chat/completions", json=body, headers=self._headers,
                                          timeout=timeout, ssl=self._ssl) as resp:
@@ -76,8 +79,10 @@ class Backend:
         except BackendError:
             raise
         except asyncio.TimeoutError:
-            raise self._fail(f"no answer within its timeouts (idle {self.config.idle_timeout_s:g} s, whole "
-                             f"{self.config.timeout_s:g} s); is it overloaded or hung?") from None
+            c = self.config
+            raise self._fail(f"no answer within its timeouts (silent {c.idle_timeout_s:g} s once begun, first "
+                             f"token {c.first_token_timeout_s:g} s, whole {c.timeout_s:g} s); is it overloaded or "
+                             "hung?") from None
         except aiohttp.ClientPayloadError:
             raise self._fail("the stream broke off before the answer ended; the backend may have crashed") from None
         except (aiohttp.ClientError, OSError) as e:
@@ -97,10 +102,20 @@ class Backend:
 
     async def _read_stream(self, resp: aiohttp.ClientResponse, started: float) -> Completion:
         content, reasoning, finish, model, first = [], [], None, "", None
-        async for raw in resp.content:  # one SSE line at a time; sock_read bounds the silence between them
+        heard = False  # any line yet, keep-alive comments included: from then on, silence means a hang
+        while True:
+            limits = [self.config.timeout_s - (time.monotonic() - started)]
+            if first is None:
+                limits.append(self.config.first_token_timeout_s - (time.monotonic() - started))
+            if heard:
+                limits.append(self.config.idle_timeout_s)
+            raw = await asyncio.wait_for(resp.content.readline(), max(min(limits), 0.0))
+            if not raw:
+                break
+            heard = True
             line = raw.decode("utf-8", "replace").strip()
             if not line.startswith("data:"):
-                continue  # blank separators, comments, event: names
+                continue  # blank separators, comments (keep-alives), event: names
             data = line[5:].strip()
             if data == "[DONE]":
                 break

@@ -7,6 +7,7 @@ OpenAI's shape, {"error": {"message", "type", "code"}}, from one middleware.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -24,6 +25,8 @@ from appliance.model.engine import Finish
 log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
+
+KEEPALIVE_S = 5.0  # the longest silence in a stream
 
 _FIELDS = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
            "top_p", "top_k", "seed", "repetition_penalty", "n", "user", "stop", "frequency_penalty",
@@ -139,10 +142,11 @@ async def _stream(request, reply, ident: str, created: int, model: str, include_
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
     first = True
+    items = _with_keepalives(reply, response, request)
     try:
-        async for item in reply:
-            if first:  # headers only once the engine took the request, so "busy" can still be a 503
-                await response.prepare(request)
+        async for item in items:
+            if first:
+                await _start(response, request)
                 await _event(response, ident, created, model, {"role": "assistant", "content": ""})
                 first = False
             if isinstance(item, Finish):
@@ -160,8 +164,36 @@ async def _stream(request, reply, ident: str, created: int, model: str, include_
     except ConnectionResetError:
         log.info("client left mid-stream; generation cancelled")
     finally:
+        await items.aclose()
         await reply.aclose()
     return response
+
+
+async def _start(response: web.StreamResponse, request: web.Request) -> None:
+    if not response.prepared:
+        await response.prepare(request)
+
+
+async def _with_keepalives(reply, response: web.StreamResponse, request: web.Request):
+    """The reply's items; while none comes for KEEPALIVE_S (a long prefill, a full engine), an SSE comment, so a
+    caller tells a slow answer from a hung server (appliance/backends/client.py). The headers go out with the first
+    item or comment: the engine refuses a request at once or not at all, so "busy" is still a 503."""
+    items = aiter(reply)
+    while True:
+        step = asyncio.ensure_future(anext(items))
+        try:
+            while not (await asyncio.wait({step}, timeout=KEEPALIVE_S))[0]:
+                await _start(response, request)
+                await response.write(b": keep-alive\n\n")
+        finally:
+            if not step.done():
+                step.cancel()
+                await asyncio.gather(step, return_exceptions=True)
+        try:
+            item = step.result()
+        except StopAsyncIteration:
+            return
+        yield item
 
 
 async def _event(response, ident, created, model, delta: dict, finish: str | None = None) -> None:
