@@ -151,9 +151,9 @@ class BackendConfig:
     weight: int = 1
     max_concurrent: int = 8  # questions in flight to this backend; more go to the next one
     connect_timeout_s: float = 3.0
-    # a hang is silence: idle_timeout_s between two lines of the stream once it has begun (r1box sends a comment
-    # every 5 s while it prefills), first_token_timeout_s before the first token (engines that say nothing while
-    # they prefill a long prompt), timeout_s for the whole answer
+    # a hang is silence: first_token_timeout_s before the backend says anything (engines that are silent while
+    # they prefill a long prompt), idle_timeout_s between two lines once it has (r1box sends a comment every 5 s
+    # while it prefills), timeout_s for the whole answer
     idle_timeout_s: float = 30.0
     first_token_timeout_s: float = 300.0
     timeout_s: float = 900.0

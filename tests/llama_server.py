@@ -3,7 +3,7 @@ child process that loads a GGUF, listens on a free port with an API key, and is 
 
 xllamacpp.Server(params) blocks until the model is loaded and the port listens, then serves from its own threads;
 its destructor can hang joining them, so the child leaves with os._exit on SIGTERM or when its parent goes away
-(its stdin closes)."""
+(its stdin closes). One thread by default: a test shares the machine. The wheel needs libgomp1 from Debian."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ threading.Event().wait()
 
 
 class LlamaServer:
-    def __init__(self, gguf: Path, api_key: str, alias: str, threads: int = 2, n_ctx: int = 4096,
+    def __init__(self, gguf: Path, api_key: str, alias: str, threads: int = 1, n_ctx: int = 4096,
                  n_parallel: int = 2, log: Path | None = None):
         self.config = {"gguf": str(gguf), "api_key": api_key, "alias": alias, "threads": threads, "n_ctx": n_ctx,
                        "n_parallel": n_parallel}
@@ -53,7 +53,8 @@ class LlamaServer:
         self.url = ""
 
     def start(self, wait_s: float = 180) -> "LlamaServer":
-        env = dict(os.environ, OMP_NUM_THREADS=str(self.config["threads"]))
+        # OpenMP's spinning threads collapse to a few tokens a second when another process holds a core
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.config["threads"]), OMP_WAIT_POLICY="passive")
         stderr = open(self.log, "ab") if self.log else subprocess.DEVNULL
         self.process = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(self.config)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=stderr, env=env, text=True)

@@ -1,5 +1,5 @@
 """The firmware image, built by `just image` (or reused from ~/.cache/r1box/image) and booted for real in QEMU:
-its partition layout; one boot that serves a WeChat message, survives a killed model process and shows the
+its partition layout; one boot that serves a WeChat message, outlives a killed model process and shows the
 restart policy; one that installs an
 update, keeps it, then installs a broken one and watches the box go back to the previous slot by itself."""
 
@@ -49,13 +49,18 @@ def _unit(vm: Vm, name: str = "r1box") -> dict:
     return dict(line.split("=", 1) for line in out.split())
 
 
+def _journal(vm: Vm) -> str:
+    """The services' last log lines, for a failure's message."""
+    return vm.agent.run("journalctl -b -u r1box -u r1box-model --no-pager -o cat | tail -40")[1]
+
+
 def test_box_serves_wechat_and_keeps_its_restart_policy(image, tmp_path):
     env = box_secrets()
     with Vm(box_disk(image, tmp_path, env), tmp_path) as vm:
         took = vm.wait_healthy(timeout=600)
         print(f"boot to healthy: {took:.1f} s ({vm.accel})")
         reply = wechat_sim(vm, env, "你好")
-        assert reply and reply != LATER
+        assert reply and reply != LATER, _journal(vm)
         vm.wait_for(lambda: "r1box is up on slot a" in vm.serial(), 60, "the console banner")
         # the fingerprint on the console is that of the certificate first boot made on the data partition
         rc, pem = vm.agent.run("cat /var/lib/r1box/keys/cert.pem")
@@ -67,14 +72,16 @@ def test_box_serves_wechat_and_keeps_its_restart_policy(image, tmp_path):
         rc, security = vm.agent.run("systemd-analyze security r1box.service --no-pager | tail -1")
         print(security.strip())
 
-        # the model process killed: systemd restarts it, serve lives on and answers through it again
+        # the model process killed: systemd restarts it, serve lives on and finds it again (answers across a kill
+        # are tests/test_model_crash.py's, without the emulator's minutes a question)
         model = _unit(vm, "r1box-model")
         assert model["ActiveState"] == "active" and model["NRestarts"] == "0"
         vm.agent.run(f"kill -9 {model['MainPID']}")
+        vm.wait_for(lambda: (h := vm.healthz()) and h["status"] == "degraded", 60, "serve seeing its model gone")
         vm.wait_for(lambda: (u := _unit(vm, "r1box-model"))["ActiveState"] == "active" and u["MainPID"] not in
                     ("0", model["MainPID"]) and u, 300, "the model's restart")
-        assert wechat_sim(vm, env, "还在吗") != LATER
-        assert _unit(vm)["NRestarts"] == "0"
+        vm.wait_for(lambda: (h := vm.healthz()) and h["backends"][0]["state"] == "up", 60, "serve finding it again")
+        assert _unit(vm)["NRestarts"] == "0" and _unit(vm, "r1box-model")["NRestarts"] == "1"
 
         # one crash of serve: systemd restarts it, and it comes back healthy
         first = _unit(vm)

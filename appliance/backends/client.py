@@ -1,10 +1,11 @@
 """One model backend: a server that speaks OpenAI's chat completions with server-sent events (another r1box, vLLM,
 llama.cpp's llama-server, Ollama, SGLang), asked for one whole answer.
 
-The answer streams in, so a backend that hangs is noticed by its silence rather than only at the end: before the
-first token it may think for first_token_timeout_s (a long prompt's prefill), but once it has said anything, even a
-keep-alive comment as r1box sends while it prefills, idle_timeout_s between two lines is the limit. The time to
-its first token is measured. Anything short of a whole answer (a refused connection, a 5xx,
+The answer streams in, so a backend that hangs is noticed by its silence rather than only at the end: before it
+says anything it may think for first_token_timeout_s (an engine that is silent while it prefills a long prompt);
+once it has said anything, even a keep-alive comment as r1box sends every 5 s while it prefills, the limit is
+idle_timeout_s between two lines, so a slow but live r1box is never given up on before timeout_s (with one backend,
+giving up would only start the answer over). The time to its first token is measured. Anything short of a whole answer (a refused connection, a 5xx,
 a wrong key, another model than configured, a line that is not JSON, a stream that ends before its finish_reason)
 is a BackendError naming the backend and what to check: the caller then asks the next backend for the whole
 answer, so a user never gets half of one answer and half of another.
@@ -105,10 +106,10 @@ class Backend:
         heard = False  # any line yet, keep-alive comments included: from then on, silence means a hang
         while True:
             limits = [self.config.timeout_s - (time.monotonic() - started)]
-            if first is None:
-                limits.append(self.config.first_token_timeout_s - (time.monotonic() - started))
             if heard:
                 limits.append(self.config.idle_timeout_s)
+            else:  # an engine that says nothing while it prefills
+                limits.append(self.config.first_token_timeout_s - (time.monotonic() - started))
             raw = await asyncio.wait_for(resp.content.readline(), max(min(limits), 0.0))
             if not raw:
                 break
