@@ -14,7 +14,8 @@ import aiohttp
 from aiohttp import web
 
 from appliance.admin.server import admin_ctx
-from appliance.app_keys import BACKENDS, CONFIG, LISTENER, METRICS, METRICS_PORT, STARTED, STORE, WECHAT
+from appliance.app_keys import (BACKENDS, CONFIG, CONFIG_FILE, LISTENER, METRICS, METRICS_PORT, RELEASE, STARTED,
+                                STORE, WECHAT)
 from appliance.backends.pool import Backends
 from appliance.config import Config
 from appliance.dialog.engine import Dialog
@@ -22,6 +23,7 @@ from appliance.dialog.filter import WordFilter
 from appliance.ops.logs import request_id_middleware
 from appliance.ops.metrics import BackendCollector, Metrics, WeChatCollector
 from appliance.ops.systemd import systemd_ctx
+from appliance.release.manager import ReleaseManager
 from appliance.store.database import Store
 from appliance.store.retention import run_forever as run_retention
 from appliance.wechat.callback import Callbacks
@@ -112,6 +114,10 @@ def _wechat_ctx(callbacks: Callbacks):
                       for app_id, (creds, base) in pushing.items()}
             outbox = Outbox(store, tokens, {app_id: creds for app_id, (creds, _) in pushing.items()})
             outbox.start()
+        release_session = aiohttp.ClientSession()
+        dialog.release = app[RELEASE] = ReleaseManager(store, app[BACKENDS], config.release, release_session,
+                                                       app[METRICS], dialog.filter.hits, app[CONFIG_FILE] or None)
+        await dialog.release.start()
         service = WeChatService(store, dialog, config.wechat.deadline_s, outbox, frozenset(pushing))
         callbacks.service = app[WECHAT] = service
         app[METRICS].watch(WeChatCollector(service, dialog))
@@ -119,6 +125,8 @@ def _wechat_ctx(callbacks: Callbacks):
         if recovered:
             log.info("answering %d messages received before the last stop", recovered)
         yield
+        await dialog.release.stop()
+        await release_session.close()
         if outbox:
             await outbox.stop()
             await session.close()
@@ -145,9 +153,12 @@ async def _metrics_ctx(app: web.Application):
     await runner.cleanup()
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(config: Config, config_file: str | None = None) -> web.Application:
+    """`config_file`: the TOML file the configuration came from, handed to processes serve starts (a release's
+    candidate model)."""
     app = web.Application(client_max_size=config.server.max_body_kb << 10, middlewares=[request_id_middleware])
     app[CONFIG], app[LISTENER], app[STARTED] = config, config.server, time.time()
+    app[CONFIG_FILE] = str(config_file or "")
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(systemd_ctx)
     app.cleanup_ctx.append(_store_ctx)

@@ -6,6 +6,7 @@ from appliance.backends.pool import Backends
 from appliance.config import Config, ServerConfig
 from appliance.model.chat import ChatService
 from appliance.ops.metrics import Metrics
+from appliance.release.manager import ReleaseManager
 from appliance.store.database import Store
 from appliance.wechat.service import WeChatService
 
@@ -16,6 +17,8 @@ API_KEYS = web.AppKey("api_keys", tuple)  # the model API's bearer keys ([model_
 BACKENDS = web.AppKey("backends", Backends)  # serve's model backends, probed in the background
 STARTED = web.AppKey("started", float)  # when the application was made (time.time())
 STORE = web.AppKey("store", Store)  # the SQLite database, opened on its own thread
+CONFIG_FILE = web.AppKey("config_file", str)  # the TOML file serve was started with ("" for defaults)
+RELEASE = web.AppKey("release", ReleaseManager)  # the gray release a WeChat-serving box follows
 WECHAT = web.AppKey("wechat", WeChatService)  # present when an Official Account or WeCom app is configured
 METRICS = web.AppKey("metrics", Metrics)  # the Prometheus registry, served on its own listener
 METRICS_PORT = web.AppKey("metrics_port", int)  # the port actually bound (the config may say 0: any free one)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from appliance.errors import R1boxError
+from appliance.release import commands as release_commands
 from appliance.store import commands as store_commands
 
 EXPORT_EXTRA = "this command needs the export stage: pip install 'r1box[export]'"
@@ -164,7 +165,7 @@ def cmd_serve(args) -> None:
     from appliance.config import load_config
 
     config = load_config(args.config, {"server": {"host": args.host, "port": args.port}}, service="serve")
-    _listen(create_app(config), config.server, config, args.log_format)
+    _listen(create_app(config, args.config), config.server, config, args.log_format)
 
 
 def cmd_health(args) -> None:
@@ -364,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_wechat_sim)
 
     store_commands.add_parsers(sub)
+    release_commands.add_parsers(sub)
     return parser
 
 

@@ -67,6 +67,10 @@ class BackendError(R1boxError):
     """One model backend failed to give a whole answer (refused, 5xx, timed out, a wrong key or model, garbage, or
     a stream cut before its end). The backends layer fails over to the next one; nobody outside it sees this."""
 
+    def __init__(self, message: str, timed_out: bool = False):
+        super().__init__(message)
+        self.timed_out = timed_out  # it said nothing for too long, rather than something wrong
+
 
 class NoBackend(R1boxError):
     """No model backend could answer now. The question stays recorded and is asked again when one comes back."""

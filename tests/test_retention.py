@@ -58,7 +58,8 @@ def test_expired_rows_go_events_stay_and_one_audit_row_counts_them(store):
     _message(store, "new", "k3")
     store.call(_remember, store.vault, APP_ID, "new", "新问题", "新回答")
     counts = store.call(purge_expired, 30, 180, "system")
-    assert counts == {"inbound": 1, "turns": 2, "outbox": 0, "events_stripped": 1, "audit_log": 1}
+    assert counts == {"inbound": 1, "turns": 2, "outbox": 0, "release_samples": 0, "events_stripped": 1,
+                      "audit_log": 1}
     left = store.call(lambda db: [(r["kind"], r["user_sealed"], r["content"]) for r in db["inbound"].rows])
     assert left[0] == ("event:subscribe", None, None) and len(left) == 2  # the event, without who and its key
     assert store.call(lambda db: db["turns"].count) == 2
@@ -107,12 +108,13 @@ def test_purge_user_takes_everything_of_one_user_and_nothing_else(tmp_path, caps
                       f'[store]\npath = "{tmp_path / "r1box.db"}"\n')
     assert main(["purge-user", "--config", str(config), "' OR '1'='1"]) == 0  # a name, not SQL: nothing matches
     assert json.loads(capsys.readouterr().out) | {"user": ""} == {"user": "", "inbound": 0, "turns": 0,
-                                                                  "outbox": 0}
+                                                                  "outbox": 0, "release_samples": 0}
     assert main(["purge-user", "--config", str(config), "--account", f"{APP_ID}' OR 1=1 --", "leaving"]) == 0
     assert json.loads(capsys.readouterr().out)["turns"] == 0
     assert main(["purge-user", "--config", str(config), "leaving"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result | {"user": ""} == {"user": "", "inbound": 1, "turns": 2, "outbox": 1}
+    assert result | {"user": ""} == {"user": "", "inbound": 1, "turns": 2, "outbox": 1,
+                                        "release_samples": 0}
     store = Store(tmp_path / "r1box.db")
     store.open()
     hashes = store.call(lambda db: {r[0] for t in ("inbound", "turns", "outbox")
@@ -170,8 +172,8 @@ async def test_unsubscribe_purges_through_the_same_path(start_box, tiny_fp32, tm
     assert await store.run(lambda db: db["turns"].count) == 0
     audit = await store.run(lambda db: [(r["operation"], r["user_id"], json.loads(r["details"]))
                                         for r in db["audit_log"].rows])
-    assert audit == [("purge_user", user, {"account": APP_ID, "user": user, "reason": "unsubscribe", "inbound": 1,
-                                           "turns": 2, "outbox": 0})]
+    assert audit == [("purge_user", user, {"account": APP_ID, "user": user, "reason": "unsubscribe",
+                                           "release_samples": 0, "inbound": 1, "turns": 2, "outbox": 0})]
 
 
 async def test_the_service_purges_on_its_schedule(start_box, tiny_fp32, tmp_path):

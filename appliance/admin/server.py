@@ -108,6 +108,7 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
 
 def create_admin_app(config: Config, store: Store, main: web.Application | None = None) -> web.Application:
     from appliance.admin.pages import routes
+    from appliance.admin.release_pages import routes as release_routes
 
     app = web.Application(client_max_size=MAX_FORM_KB << 10, middlewares=[guard])
     app[CONFIG], app[STORE], app[LIMITER] = config, store, auth.LoginLimiter()
@@ -115,6 +116,7 @@ def create_admin_app(config: Config, store: Store, main: web.Application | None 
         app[MAIN] = main
     app[TEMPLATES] = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
     app.add_routes(routes)
+    app.add_routes(release_routes)
     app.router.add_static("/static/", HERE / "static", follow_symlinks=False)
     app.on_response_prepare.append(_security_headers)
     return app

@@ -42,8 +42,8 @@ class Backend:
         self._headers = {"Authorization": f"Bearer {config.key}"} if config.key else {}
         self._ssl = None if config.verify_tls else False
 
-    def _fail(self, what: str) -> BackendError:
-        return BackendError(f"backend {self.label} ({self.base}): {what}")
+    def _fail(self, what: str, timed_out: bool = False) -> BackendError:
+        return BackendError(f"backend {self.label} ({self.base}): {what}", timed_out)
 
     async def models(self) -> list[str]:
         """The model names it serves (GET /v1/models): the health probe every engine answers, that also proves
@@ -64,9 +64,11 @@ class Backend:
             raise self._fail("/v1/models did not answer OpenAI's JSON; is this URL an OpenAI-compatible "
                              "server?") from None
 
-    async def complete(self, messages: list[dict], max_tokens: int) -> Completion:
+    async def complete(self, messages: list[dict], max_tokens: int, temperature: float | None = None) -> Completion:
         started = time.monotonic()
         body = {"messages": messages, "stream": True, "max_tokens": max_tokens}
+        if temperature is not None:  # else the backend's own default
+            body["temperature"] = temperature
         if self.config.model:
             body["model"] = self.config.model
         # the headers may wait as long as the first token; then _read_stream times each line
@@ -83,7 +85,7 @@ class Backend:
             c = self.config
             raise self._fail(f"no answer within its timeouts (silent {c.idle_timeout_s:g} s once begun, first "
                              f"token {c.first_token_timeout_s:g} s, whole {c.timeout_s:g} s); is it overloaded or "
-                             "hung?") from None
+                             "hung?", timed_out=True) from None
         except aiohttp.ClientPayloadError:
             raise self._fail("the stream broke off before the answer ended; the backend may have crashed") from None
         except (aiohttp.ClientError, OSError) as e:

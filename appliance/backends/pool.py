@@ -12,6 +12,7 @@ question (recorded in the store) until `wait_up()` returns.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -74,7 +75,7 @@ class Breaker:
 class Backends:
     def __init__(self, configs: tuple[BackendConfig, ...], session: aiohttp.ClientSession,
                  metrics: Metrics | None = None, probe_interval_s: float = 1.0):
-        self.metrics = metrics
+        self.metrics, self.session = metrics, session
         self.backends = [Backend(c, session) for c in configs]
         self.breakers = {b.label: Breaker() for b in self.backends}
         self.stats = {b.label: BackendStats() for b in self.backends}
@@ -152,6 +153,30 @@ class Backends:
                 return random.choices(group, weights=[b.config.weight for b in group])[0]
             self._freed.clear()
             await self._freed.wait()
+
+    # ---- a promoted model ----
+
+    def add_first(self, config: BackendConfig) -> Backend:
+        """A backend ahead of all the others (a promoted release's candidate): new questions go to it from now
+        on, questions in flight finish where they are, and the others stay behind it as its fallback."""
+        if config.label in self.breakers:
+            return next(b for b in self.backends if b.label == config.label)
+        first = min((b.config.priority for b in self.backends), default=0) - 1
+        backend = Backend(dataclasses.replace(config, priority=first), self.session)
+        self.breakers[backend.label], self.stats[backend.label] = Breaker(), BackendStats()
+        self.in_flight[backend.label] = 0
+        self.backends.insert(0, backend)
+        log.info("backend %s now comes first", backend.label, extra={"backend": backend.label})
+        return backend
+
+    def serving(self) -> Backend | None:
+        """The backend new questions go to first, among those up."""
+        up = [b for b in self.backends if self.breakers[b.label].allow()]
+        return min(up, key=lambda b: b.config.priority) if up else None
+
+    @property
+    def busy(self) -> bool:
+        return any(self.in_flight.values())
 
     # ---- health ----
 

@@ -14,6 +14,7 @@ import logging
 import time
 from collections import defaultdict, deque
 
+from appliance.backends.client import Completion
 from appliance.backends.pool import Backends
 from appliance.config import DialogConfig
 from appliance.dialog import answer_cache
@@ -45,6 +46,7 @@ class Dialog:
         self.cache_answers = 0  # answered from the answer cache while no backend could
         self.show_reasoning: set[tuple[str, str]] = set()  # users who asked to see the model's reasoning
         self._recent: dict[tuple[str, str], deque[float]] = defaultdict(deque)
+        self.release = None  # a ReleaseManager (appliance/release/) while serve runs: who gets which variant
 
     def command(self, text: str) -> str | None:
         """The reply to a command that needs no model (help), or None. Reset is async: see answer()."""
@@ -61,7 +63,8 @@ class Dialog:
         times.append(now)
         return False
 
-    async def answer(self, account: str, user: str, text: str) -> str:
+    async def answer(self, account: str, user: str, text: str, ref: str = "") -> str:
+        """The reply to one message; `ref` names the message in the store, for the release's samples."""
         text, who = text.strip(), (account, user)
         if command := COMMAND_NAMES.get(text.lower()):
             await self.store.run(_count_command, account, command)
@@ -86,25 +89,30 @@ class Dialog:
         system = self.system_prompts.get(account, self.config.system_prompt)
         messages = [{"role": "system", "content": system}] if system else []
         messages += history + [{"role": "user", "content": text}]
-        answer, thought = await self._ask(account, text, messages)
-        answer, thought = plain_text(answer), thought.strip()
+        completion, variant = await self._ask(account, user, text, messages)
+        answer, thought = plain_text(completion.content), completion.reasoning.strip()
+        outcome = "ok" if answer else "empty"
         if who in self.show_reasoning and thought:
             answer = f"【思考】{plain_text(thought)}\n\n【回答】{answer}"
         if hits := self.filter.hits(answer):
             await self._audit_hit(account, user, "out", hits)
-            answer = self.filter.mask(answer)
+            answer, outcome = self.filter.mask(answer), "blocked"
         if not answer:
             answer = "抱歉，我没能想出答案，请换个说法再问一次。"
+        if self.release and variant:
+            await self.release.served(ref, account, user, variant, completion, outcome, messages,
+                                      self.config.max_tokens)
         await self.store.run(_remember, self.store.vault, account, user, text, answer)
         return answer
 
-    async def _ask(self, account: str, text: str, messages: list[dict]) -> tuple[str, str]:
-        """The answer and its reasoning from a backend; while none can answer, an approved answer from the cache,
-        or else the wait for one to come back."""
+    async def _ask(self, account: str, user: str, text: str, messages: list[dict]) -> tuple[Completion, str]:
+        """The answer from a backend (during a release, from the variant this user is in) and that variant; while
+        none can answer, an approved answer from the cache (variant ""), or else the wait for one to come back."""
         while True:
             try:
-                completion = await self.backends.complete(messages, self.config.max_tokens)
-                return completion.content, completion.reasoning
+                if self.release:
+                    return await self.release.complete(account, user, messages, self.config.max_tokens)
+                return await self.backends.complete(messages, self.config.max_tokens), ""
             except NoBackend as e:
                 if self.config.answer_cache:
                     cached = await self.store.run(answer_cache.lookup, account, text,
@@ -112,7 +120,8 @@ class Dialog:
                     if cached:
                         self.cache_answers += 1
                         log.info("no backend can answer; answered from the answer cache")
-                        return f"{cached}\n{self.config.answer_cache_note}", ""
+                        return Completion(f"{cached}\n{self.config.answer_cache_note}", "", "stop", "answer_cache",
+                                          "", 0.0, 0.0), ""
                 self.waiting += 1
                 log.warning("%s; the question waits in the store for a backend to come back", e)
                 try:

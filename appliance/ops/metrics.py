@@ -37,6 +37,15 @@ class Metrics:
                                          ["backend"], buckets=_LATENCY, registry=self.registry)
         self.backend_ttft = Histogram("r1box_backend_first_token_seconds", "Question to first token, by backend",
                                       ["backend"], buckets=_LATENCY, registry=self.registry)
+        # gray release (appliance/release/): every answer made while a release runs, by the variant that made it
+        self.release_answers = Counter("r1box_release_answers", "Answers made during a release, by variant, role "
+                                       "(served: sent; shadow: only compared) and outcome",
+                                       ["variant", "role", "outcome"], registry=self.registry)
+        self.release_latency = Histogram("r1box_release_answer_seconds", "Question to whole answer during a "
+                                         "release, by variant and role", ["variant", "role"], buckets=_LATENCY,
+                                         registry=self.registry)
+        self.release_dropped = Counter("r1box_release_shadow_dropped", "Shadow questions dropped because the box "
+                                       "was busy", registry=self.registry)
         # known label values start at 0, so rate() works from the first failure on and alerts have a series
         for kind in ("busy", "bad_request", "internal"):
             self.errors.labels(kind)

@@ -201,6 +201,29 @@ def _m0009_answer_cache(db: sqlite_utils.Database) -> None:
     db["answer_cache"].create_index(["account"])
 
 
+def _m0010_releases(db: sqlite_utils.Database) -> None:
+    """Gray release of a candidate model (appliance/release/): the release itself, one row per answer made while
+    it runs (which variant made it, served or shadow, how long, how it ended; a shadow answer sealed), and the
+    evaluation-set runs that give each variant its accuracy."""
+    db["releases"].create({
+        "id": int, "candidate": str, "url": str, "key_env": str, "artifact": str, "phase": str, "shadow_share": float,
+        "ab_share": float, "auto": int, "started_by": str, "started_at": float, "phase_at": float,
+        "ended_at": float, "figures": str,
+    }, pk="id", not_null={"candidate", "url", "phase", "shadow_share", "ab_share", "auto", "started_at"})
+    db["releases"].create_index(["phase"])
+    db["release_samples"].create({
+        "id": int, "release_id": int, "ref": str, "variant": str, "served": int, "backend": str, "latency_s": float,
+        "first_token_s": float, "outcome": str, "answer": bytes, "key_id": int, "at": float,
+    }, pk="id", not_null={"release_id", "variant", "served", "outcome", "at"})
+    db["release_samples"].create_index(["release_id", "variant", "served"])
+    db["release_samples"].create_index(["ref"])
+    db["release_samples"].create_index(["at"])
+    db["eval_runs"].create({"id": int, "release_id": int, "variant": str, "target": str, "items": int,
+                            "passed": int, "results": str, "at": float}, pk="id",
+                           not_null={"variant", "target", "items", "passed", "results", "at"})
+    db["eval_runs"].create_index(["release_id", "variant"])
+
+
 # Append only: a released migration is never edited or reordered; its name is recorded once applied.
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_wechat_inbound", _m0001_wechat_inbound),
@@ -212,6 +235,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0007_admin_accounts", _m0007_admin_accounts),
     ("0008_analytics_rollups", _m0008_analytics_rollups),
     ("0009_answer_cache", _m0009_answer_cache),
+    ("0010_releases", _m0010_releases),
 ]
 
 

@@ -30,6 +30,7 @@ def purge_expired(db, conversation_days: int, audit_days: int, actor: str, now: 
                                   [before]).rowcount,
             "turns": db.execute("DELETE FROM turns WHERE created_at < ?", [before]).rowcount,
             "outbox": db.execute("DELETE FROM outbox WHERE created_at < ?", [before]).rowcount,
+            "release_samples": db.execute("DELETE FROM release_samples WHERE at < ?", [before]).rowcount,
             "events_stripped": db.execute(
                 "UPDATE inbound SET user_sealed = NULL, content = NULL, answer = NULL WHERE kind LIKE 'event:%' "
                 "AND received_at < ? AND (user_sealed IS NOT NULL OR content IS NOT NULL OR answer IS NOT NULL)",
@@ -48,6 +49,9 @@ def purge_user(db, account: str, user_hash: str, actor: str, reason: str, keep_k
     Their audit entries stay: the audit log is the operator's record and names them only by the keyed hash."""
     with transaction(db):
         counts = {
+            "release_samples": db.execute(
+                "DELETE FROM release_samples WHERE ref IN (SELECT dedup_key FROM inbound WHERE account = ? AND "
+                "user = ?)", [account, user_hash]).rowcount,
             "inbound": db.execute("DELETE FROM inbound WHERE account = ? AND user = ? AND dedup_key IS NOT ?",
                                   [account, user_hash, keep_key]).rowcount,
             "turns": db.execute("DELETE FROM turns WHERE account = ? AND user = ?", [account, user_hash]).rowcount,

@@ -22,6 +22,7 @@ SEALED = {
     "inbound": ("dedup_key", ("content", "answer", "user_sealed")),
     "turns": ("id", ("content",)),
     "outbox": ("id", ("content", "user_sealed")),
+    "release_samples": ("id", ("answer",)),  # shadow answers (appliance/release/); always sealed when written
 }
 BATCH = 200
 

@@ -134,7 +134,8 @@ class WeChatService:
         lock = self._user_locks.setdefault((message.account, message.user), asyncio.Lock())
         try:
             async with lock:  # one answer in flight per user: a follow-up question needs the previous answer
-                answer = await self.dialog.answer(message.account, message.user, message.content)
+                answer = await self.dialog.answer(message.account, message.user, message.content,
+                                                  message.dedup_key)
         except Exception:
             log.exception("answering failed; the message stays recorded and is answered again at the next start",
                           extra={"dedup_key": message.dedup_key})
