@@ -304,6 +304,8 @@ class ReleaseConfig:
     eval_items: int = 0  # items of the evaluation set a release scores each variant on; 0: all
     eval_max_tokens: int = 256
     eval_sets: tuple[str, ...] = ()  # the branch's own items (JSONL), beside the shipped set
+    eval_profile: str = ""  # the branch's own fact sheet; then only eval_sets are scored (the shipped items are
+    # about the shipped fictional branch)
 
     def __post_init__(self):
         if not (0 <= self.shadow_share <= 1 and 0 <= self.ab_share <= 1):

@@ -101,7 +101,8 @@ def cmd_eval(args) -> None:
     from appliance.release import evaluate
 
     config = _config(args)
-    items = evaluate.load_items(tuple(args.items or ()) or config.release.eval_sets, args.limit)
+    profile = args.profile or config.release.eval_profile
+    items = evaluate.load_items(tuple(args.items or ()) or config.release.eval_sets, args.limit, not profile)
     scores: dict[str, list[dict]] = {}
     for target in args.targets:
         process, url, key_env = None, target.rstrip("/"), args.key_env or ""
@@ -114,7 +115,8 @@ def cmd_eval(args) -> None:
         try:
             backend_config = BackendConfig(url=url, key_env=key_env, key=os.environ.get(key_env, "") if key_env else "",
                                            first_token_timeout_s=600, timeout_s=1800)
-            scores[target] = asyncio.run(_score(backend_config, items, args.max_tokens, args.parallel, target))
+            scores[target] = asyncio.run(_score(backend_config, items, args.max_tokens, args.parallel, profile,
+                                                target))
         finally:
             if process:
                 process.stop()
@@ -124,7 +126,7 @@ def cmd_eval(args) -> None:
         print(f"written: {args.out}", file=sys.stderr)
 
 
-async def _score(backend_config, items, max_tokens: int, parallel: int, name: str) -> list[dict]:
+async def _score(backend_config, items, max_tokens: int, parallel: int, profile: str, name: str) -> list[dict]:
     import aiohttp
 
     from appliance.backends.client import Backend
@@ -134,7 +136,8 @@ async def _score(backend_config, items, max_tokens: int, parallel: int, name: st
         print(f"\r{name}: {done}/{total} items", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
     async with aiohttp.ClientSession() as session:
-        return await evaluate.run(Backend(backend_config, session), items, max_tokens, parallel, progress=progress)
+        return await evaluate.run(Backend(backend_config, session), items, max_tokens, parallel, profile,
+                                  progress=progress)
 
 
 class _ArtifactServer:
@@ -195,7 +198,9 @@ def add_parsers(sub) -> None:
     p.add_argument("targets", nargs="+", help="artifact directories and/or http(s):// backend URLs")
     p.add_argument("--config", help="TOML configuration ([release] eval_sets; the model's engine settings)")
     p.add_argument("--key-env", help="for backend URLs: the environment variable that holds their key")
-    p.add_argument("--items", action="append", help="a JSONL file of the branch's own items, scored beside the shipped set")
+    p.add_argument("--items", action="append", help="a JSONL file of the branch's own items, scored beside the "
+                   "shipped set (or instead of it, with --profile)")
+    p.add_argument("--profile", help="the branch's own fact sheet as the system prompt; then only --items count")
     p.add_argument("--limit", type=int, default=0, help="score this many items, spread over the categories")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--parallel", type=int, default=4, help="questions in flight at once")

@@ -2,7 +2,8 @@
 
 The shipped set (appliance/release/evalset/, its README says what is in it and its licence) is what a branch's
 users ask, with a machine-checkable rubric per item; the branch's fact sheet there is the system prompt, so every
-answer can be checked against it. A branch adds its own items in the same format ([release] eval_sets). An item
+answer can be checked against it. A branch adds its own items in the same format ([release] eval_sets), and may
+score against its own fact sheet instead ([release] eval_profile: then only its own items count). An item
 passes when every must_include group has a match, no must_not_include string appears, and for a multiple-choice
 item the first option letter the answer names is the key. Answers are greedy, so a score is repeatable.
 """
@@ -34,11 +35,11 @@ class Item:
     choice: str
 
 
-def load_items(extra: tuple[str, ...] = (), limit: int = 0) -> list[Item]:
-    """The shipped items and the branch's; `limit` keeps the first items of each category in turn, so a short
-    run still covers every kind of question."""
+def load_items(extra: tuple[str, ...] = (), limit: int = 0, shipped: bool = True) -> list[Item]:
+    """The shipped items (unless the branch scores against its own fact sheet) and the branch's; `limit` keeps the
+    first items of each category in turn, so a short run still covers every kind of question."""
     items: list[Item] = []
-    for path in (EVALSET / "branch.jsonl", *map(Path, extra)):
+    for path in ((EVALSET / "branch.jsonl",) if shipped else ()) + tuple(map(Path, extra)):
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except OSError as e:
@@ -68,8 +69,13 @@ def load_items(extra: tuple[str, ...] = (), limit: int = 0) -> list[Item]:
     return items
 
 
-def system_prompt() -> str:
-    return (EVALSET / "profile.md").read_text(encoding="utf-8")
+def system_prompt(profile: str = "") -> str:
+    """The fact sheet the answers are checked against: the shipped fictional branch's, or the branch's own."""
+    path = Path(profile) if profile else EVALSET / "profile.md"
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the evaluation fact sheet ({e.strerror})") from None
 
 
 def _normal(text: str) -> str:
@@ -87,11 +93,12 @@ def passes(item: Item, answer: str) -> bool:
     return all(any(_normal(word) in text for word in group) for group in item.must_include)
 
 
-async def run(backend: Backend, items: list[Item], max_tokens: int, parallel: int = 4,
+async def run(backend: Backend, items: list[Item], max_tokens: int, parallel: int = 4, profile: str = "",
               before_each=None, progress=None) -> list[dict]:
-    """Ask each item of one backend, greedily; a failed answer fails its item. `before_each` (a coroutine) may
-    hold each question back, e.g. until the box is idle; `progress(done, total)` is told after each."""
-    system, gate, done = system_prompt(), asyncio.Semaphore(parallel), 0
+    """Ask each item of one backend, greedily, with the fact sheet as the system prompt; a failed answer fails its
+    item. `before_each` (a coroutine) may hold each question back, e.g. until the box is idle; `progress(done,
+    total)` is told after each."""
+    system, gate, done = system_prompt(profile), asyncio.Semaphore(parallel), 0
 
     async def one(item: Item) -> dict:
         nonlocal done

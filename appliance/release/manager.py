@@ -189,7 +189,7 @@ class ReleaseManager:
             return
         await self._sample(release, ref, variant, True, completion, completion.total_s if completion else None,
                            outcome)
-        if outcome == "ok" and completion and self.shadows(account, user) and self.candidate:
+        if completion and self.shadows(account, user) and self.candidate:
             task = asyncio.get_running_loop().create_task(self._shadow(release, ref, messages, max_tokens))
             self._shadows.add(task)
             task.add_done_callback(self._shadows.discard)
@@ -269,11 +269,12 @@ class ReleaseManager:
     async def _evaluate_set(self, release: Release, variant: str) -> None:
         if await self.store.run(records.eval_done, release.id, variant):
             return
-        items = evaluate.load_items(self.config.eval_sets, self.config.eval_items)
+        items = evaluate.load_items(self.config.eval_sets, self.config.eval_items, not self.config.eval_profile)
         while (target := self.candidate if variant == CANDIDATE else self.backends.serving()) is None:
             await asyncio.sleep(FOLLOW_EVERY_S)
         log.info("release %d: scoring %s (%s) on %d evaluation items", release.id, variant, target.label, len(items))
         results = await evaluate.run(target, items, self.config.eval_max_tokens, parallel=1,
+                                     profile=self.config.eval_profile,
                                      before_each=lambda: self._wait_idle(release, None))
         await self.store.run(records.record_eval, release.id, variant, target.label, results)
         log.info("release %d: %s passed %d of %d evaluation items", release.id, variant,
