@@ -143,3 +143,87 @@ async def test_every_page_in_a_real_browser(site, tmp_path):
     assert all((shots / p).stat().st_size > 5000 for p in pngs)
     shutil.rmtree(KEEP, ignore_errors=True)
     shutil.copytree(shots, KEEP)
+
+
+def seed_release(db, vault) -> int:
+    """A release in shadow with answers of both variants and both evaluations, judged by the real rule."""
+    from appliance.config import ReleaseConfig
+    from appliance.release import records, rule
+
+    release = records.start(db, "candidate-int8", "http://127.0.0.1:8082", "", "/var/lib/r1box/int8", 0.05, 0.1,
+                            False, "admin")
+    for i in range(12):
+        records.record_sample(db, vault, release.id, f"ref-{i}", "live", True, "local", 1.0 + i / 10, 0.3, "ok", None)
+        records.record_sample(db, vault, release.id, f"ref-{i}", "candidate", False, "candidate-int8", 0.8 + i / 10,
+                              0.2, "error" if i == 3 else "ok", None if i == 3 else f"影子回答{i}")
+    for variant, passed in (("live", 6), ("candidate", 7)):
+        records.record_eval(db, release.id, variant, variant, [
+            {"id": f"item-{i}", "category": "hours", "passed": i < passed} for i in range(10)])
+    figures = [records.figures(db, release.id, "live", True), records.figures(db, release.id, "candidate", True),
+               records.figures(db, release.id, "candidate", False), records.shadowed_live(db, release.id)]
+    decision = rule.decide("shadow", *figures, ReleaseConfig(shadow_min_samples=10))
+    records.save_figures(db, release.id, {**decision.as_dict(), "proposed": "ab"})
+    return release.id
+
+
+def _walk_release(url: str, shots: Path) -> dict:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as appears
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver, found = _browser(), {}
+    try:
+        def click(button_id: str) -> str:
+            button = driver.find_element(By.ID, button_id)
+            button.click()
+            wait = WebDriverWait(driver, 20)
+            wait.until(appears.staleness_of(button))
+            return wait.until(appears.presence_of_element_located((By.ID, "notice"))).text
+
+        driver.get(url + "/login")
+        driver.find_element(By.ID, "name").send_keys("admin")
+        driver.find_element(By.ID, "password").send_keys(PASSWORD)
+        driver.find_element(By.ID, "login").click()
+        WebDriverWait(driver, 20).until(lambda d: d.current_url.endswith("/analytics"))
+        driver.get(url + "/release")
+        WebDriverWait(driver, 20).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute(
+            "data-charts-ready") == "1")
+        driver.save_screenshot(str(shots / "release.png"))
+        found["phase"] = driver.find_element(By.ID, "phase").text
+        found["decision"] = driver.find_element(By.ID, "decision").text
+        found["variants"] = driver.find_element(By.CSS_SELECTOR, "#variants tbody").text
+        found["checks"] = driver.find_element(By.CSS_SELECTOR, "#checks tbody").text
+        found["chart"] = driver.execute_script("""
+            const chart = Chart.getChart("release-chart");
+            return chart.data.datasets.map((d) => [d.label, d.data]);""")
+        found["to_ab"] = click("to-ab")
+        found["phase_ab"] = driver.find_element(By.ID, "phase").text
+        found["promoted"] = click("promote")
+        found["after"] = driver.find_element(By.ID, "phase").text
+        found["start_form"] = bool(driver.find_elements(By.ID, "start-release"))
+        driver.save_screenshot(str(shots / "release-promoted.png"))
+        found["console"] = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    finally:
+        driver.quit()
+    return found
+
+
+async def test_the_release_page_in_a_real_browser(site, tmp_path):
+    release_id = await site.store.run(seed_release, site.store.vault)
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    found = await asyncio.to_thread(_walk_release, site.url, shots)
+    assert found["phase"].startswith("shadow") and "proposed: ab" in found["decision"]
+    assert "live 12 0 0.0" in found["variants"] and "candidate" in found["variants"]
+    assert "error_rate" in found["checks"]
+    live_answers = next(data for label, data in found["chart"] if label == "live answers")
+    assert sum(n or 0 for n in live_answers) == 12  # the served answers over time
+    assert "ab" in found["to_ab"] and found["phase_ab"].startswith("ab")
+    assert "promoted" in found["promoted"] and found["after"].startswith("promoted") and found["start_form"]
+    assert found["console"] == []
+    audit = [(r["operation"], r["user_id"]) for r in await site.audit_rows() if r["operation"].startswith("release")]
+    assert audit == [("release_start", "admin"), ("release_ab", "admin"), ("release_promoted", "admin")]
+    assert release_id == 1
+    KEEP.mkdir(exist_ok=True)
+    for png in ("release.png", "release-promoted.png"):
+        shutil.copy(shots / png, KEEP / png)
