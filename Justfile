@@ -76,6 +76,10 @@ bench MODEL="qwen2.5-coder-1.5b-instruct" THREADS="2":
 # the quick bench: the same on the 0.5B
 bench-quick THREADS="2": (bench "qwen2.5-coder-0.5b-instruct" THREADS)
 
+# score artifacts or backend URLs on the evaluation set (appliance/release/evalset/): a table, and --out JSON
+eval *TARGETS: install
+    {{venv}}/bin/r1box eval {{TARGETS}}
+
 # export a model (catalog name, HF directory or .gguf) into an artifact directory
 export SOURCE OUT *FLAGS: install
     {{venv}}/bin/r1box export {{SOURCE}} --out {{OUT}} {{FLAGS}}
