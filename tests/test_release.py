@@ -236,3 +236,33 @@ def test_eval_scores_a_backend_and_writes_json(tiny_fp32, tmp_path):
     scores = json.loads(out.read_text())["scores"][model.url]
     assert [s["id"] for s in scores] == ["mine-0", "mine-2", "mine-3"]  # a category each, in turn
     assert all(s["error"] == "" for s in scores), [s["error"] for s in scores]
+
+
+def test_a_disk_too_full_for_the_candidate_refuses_it_and_keeps_nothing(tiny_int4, tmp_path):
+    """The box's data disk is a real 8 MB filesystem: the candidate (90 MB) cannot be brought onto it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(data)]).returncode != 0:
+        pytest.skip("mounting a small filesystem as the full disk needs root")
+    try:
+        config = tmp_path / "r1box.toml"
+        config.write_text(f'[store]\npath = "{data / "r1box.db"}"\n')
+        started = subprocess.run([sys.executable, "-m", "appliance.cli", "release", "start", str(tiny_int4),
+                                  "--config", str(config)], capture_output=True, text=True, timeout=120)
+        assert started.returncode == 9 and "GB are free" in started.stderr, started.stderr
+        assert not any((data / "artifacts").iterdir())  # no half copy left behind
+        status = subprocess.run([sys.executable, "-m", "appliance.cli", "release", "status", "--config",
+                                 str(config)], capture_output=True, text=True, timeout=120)
+        assert "no release yet" in status.stdout
+    finally:
+        subprocess.run(["umount", str(data)])
+
+
+def test_an_artifact_from_elsewhere_is_copied_onto_the_data_disk(tiny_int4, tmp_path):
+    from appliance.release.candidate import bring_in
+
+    copied = bring_in(str(tiny_int4), tmp_path)
+    assert copied == (tmp_path / "artifacts" / tiny_int4.name).resolve() and check_artifact(str(copied))
+    assert bring_in(str(copied), tmp_path) == copied  # already there: used in place
+    with pytest.raises(records.ReleaseError, match="exists already"):
+        bring_in(str(tiny_int4), tmp_path)

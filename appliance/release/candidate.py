@@ -3,7 +3,8 @@ the service for the length of a release (and kept as the serving model once prom
 
 It runs at a lower CPU priority (nice), so on a CPU box the serving model's work always goes first. Before it
 starts, the artifact must pass its manifest (every file present and unchanged) and the parity gate its export
-recorded: a candidate that fails either is refused, and the serving model is untouched. A candidate process that
+recorded: a candidate that fails either is refused, and the serving model is untouched. An artifact that is not
+on the box's data disk yet is copied there first, when the disk has room for it. A candidate process that
 dies is started again after a pause; its failures meanwhile are samples of its error rate, which the promotion rule
 reads.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,6 +36,37 @@ def check_artifact(path: str) -> str:
         raise ReleaseError(f"the candidate artifact {path} failed its parity check at export (top-1 agreement "
                            f"{parity.get('agreement')} below {parity.get('threshold')}); export it again")
     return manifest.raw.get("model", {}).get("name") or Path(path).name
+
+
+def bring_in(artifact: str, data_dir: Path) -> Path:
+    """The artifact on the box's own disk: one elsewhere (a USB stick, a share) is copied under
+    data_dir/artifacts first, if the disk has room for it, and checked again there; the serving model's files are
+    never touched, and a copy that fails leaves nothing behind."""
+    source = Path(artifact).resolve()
+    home = (data_dir / "artifacts").resolve()
+    if source.is_relative_to(home):
+        return source
+    size = sum(p.stat().st_size for p in source.iterdir() if p.is_file())
+    home.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(home).free
+    if free < size * 1.1:
+        raise ReleaseError(f"the candidate needs {size / 1e9:.2f} GB on {home} and {free / 1e9:.2f} GB are free; "
+                           "free space (an old candidate under it, old backups) or start it from a backend URL")
+    target, staging = home / source.name, home / f".{source.name}.copying"
+    if target.exists():
+        raise ReleaseError(f"{target} exists already; remove it or rename the candidate's directory")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        shutil.copytree(source, staging)
+        check_artifact(str(staging))
+        staging.rename(target)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ReleaseError(f"copying the candidate to {home} failed ({e.strerror or e}); nothing was kept") from None
+    except ReleaseError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
 
 
 class CandidateProcess:

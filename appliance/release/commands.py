@@ -47,15 +47,17 @@ def _show(release) -> None:
 
 
 def target_of(config, target: str, name: str | None) -> tuple[str, str, str]:
-    """(label, url, artifact) of a release's candidate: an artifact directory, or a backend's URL."""
+    """(label, url, artifact) of a release's candidate: an artifact directory (brought onto the box's data disk),
+    or a backend's URL."""
     from appliance.release import records
-    from appliance.release.candidate import check_artifact
+    from appliance.release.candidate import bring_in, check_artifact
 
     if target.startswith(("http://", "https://")):
         return name or target.split("://", 1)[1].rstrip("/"), target.rstrip("/"), ""
     if not Path(target).is_dir():
         raise R1boxError(f"{target}: neither an artifact directory nor an http(s):// backend URL")
     model = check_artifact(target)
+    target = str(bring_in(target, config.store.file.parent))
     port = config.release.candidate_port
     serving = _store_call(config, records.promoted)
     if serving and serving.artifact and serving.url.endswith(f":{port}"):  # the promoted candidate has that port
