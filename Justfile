@@ -12,9 +12,15 @@ default:
 chat *ARGS: install
     {{venv}}/bin/r1box chat {{ARGS}}
 
-# install everything and run the whole test suite (the real 0.5B model and the firmware image included)
+# install everything and run the whole test suite (the real 0.5B model and the firmware image included); the
+# drills of many minutes are `just drill`'s
 test *ARGS: install promtool chromium image-tools
-    {{python}} -m pytest {{ARGS}}
+    {{python}} -m pytest -m "not drill" {{ARGS}}
+
+# the fault drills of many minutes: an update of the booted image kept, then a broken one rolled back (about 20
+# minutes under emulation)
+drill *ARGS: install image-tools
+    {{python}} -m pytest -m drill -s {{ARGS}}
 
 # fast tests only: the tiny random model, no 0.5 GB download
 test-fast *ARGS: install promtool chromium

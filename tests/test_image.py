@@ -1,7 +1,7 @@
 """The firmware image, built by `just image` (or reused from ~/.cache/r1box/image) and booted for real in QEMU:
 its partition layout; one boot that serves a WeChat message, outlives a killed model process and shows the
-restart policy; one that installs an
-update, keeps it, then installs a broken one and watches the box go back to the previous slot by itself."""
+restart policy; and, as a drill (`just drill`), one that installs an update, keeps it, then installs a broken one
+and watches the box go back to the previous slot by itself."""
 
 import subprocess
 import time
@@ -110,6 +110,7 @@ def test_box_serves_wechat_and_keeps_its_restart_policy(image, tmp_path):
         assert vm.healthz() is None
 
 
+@pytest.mark.drill  # two updates and four boots under emulation: about 20 minutes
 def test_update_is_kept_when_healthy_and_rolled_back_when_broken(image, tmp_path):
     good = image.parent / f"{image.stem}.root.ext4"
     broken = tmp_path / "broken.root.ext4"

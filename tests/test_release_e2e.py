@@ -1,18 +1,19 @@
-"""A gray release on the real 0.5B with two artifacts (the serving int4, an int8 candidate), driven by WeChat
-traffic: `r1box release start` from the shell, the candidate's own `r1box model` started by serve, shadow answers
+"""A gray release on the real 0.5B with two artifacts (the serving int8, a faster int4 candidate), driven by
+WeChat traffic: `r1box release start` from the shell, the candidate's own `r1box model` started by serve, shadow answers
 stored and never sent, A/B by user, the rule promoting it by itself on its schedule; and a candidate killed during
 A/B, rolled back by the rule. Across both, every message is answered exactly once and every decision is audited.
-The thresholds here ask "no worse" (0), so that two artifacts of one model can pass; the rule's statistics on
-real differences are tests/test_release_rule.py's."""
+The thresholds here ask "no worse" (0) of latency and errors and nothing of accuracy (three evaluation items, to
+keep the test short, tell nothing), so that two artifacts of one model can pass; the rule's statistics on real
+differences are tests/test_release_rule.py's, the full evaluation set's scores the README's."""
 
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -61,17 +62,21 @@ class Box:
         if reply := PLATFORM.read_reply(await resp.text()):
             self.passive[msg_id] = reply
 
-    async def round(self) -> None:
+    async def round(self, spaced: bool = True) -> None:
+        """A message from each user; spaced: each after the last one's answer and shadow are done (shadow work
+        yields to every live question, so back-to-back messages leave it no idle moment)."""
         for user in USERS:
             await self.ask(user)
+            if spaced:
+                await self.settle(pause=0)
 
-    async def settle(self, timeout: float = 300) -> None:
+    async def settle(self, timeout: float = 300, pause: float = 1.0) -> None:
         service = self.client.app[WECHAT]
         deadline = time.monotonic() + timeout
         while service._answering or self.client.app[RELEASE]._shadows:
             assert time.monotonic() < deadline, "answers still running"
-            await asyncio.sleep(0.2)
-        await asyncio.sleep(1.0)  # the outbox's last push
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(pause)  # the outbox's last push
 
     def delivered(self) -> dict[str, list[str]]:
         """Every answer each message got, passive or pushed."""
@@ -95,7 +100,7 @@ async def _box(aiohttp_client, api, tmp_path, artifact, monkeypatch, release: st
                         f'api_base_url = "http://127.0.0.1:{api.server.port}"\n'
                         '[dialog]\nmax_tokens = 24\nrate_per_minute = 0\n'
                         f'[release]\ncandidate_port = {free_port()}\nevaluate_every_s = 2\neval_items = 3\n'
-                        'eval_max_tokens = 24\nidle_wait_s = 120\nmin_accuracy_gain = 0.0\nmin_p99_drop = 0.0\n'
+                        'eval_max_tokens = 24\nidle_wait_s = 120\nmin_accuracy_gain = -1.0\nmin_p99_drop = 0.0\n'
                         'min_error_drop = 0.0\n' + release, threads=None)
     config = load_config(path)
     model = ModelProcess(path, config.model_server.port, env=dict(os.environ)).start()
@@ -124,11 +129,11 @@ def _audit(db) -> list[tuple[str, str, dict]]:
 async def test_shadow_then_ab_then_promotion_with_every_message_answered_once(aiohttp_client, api, artifacts,
                                                                                 tmp_path, monkeypatch):
     int4, int8 = artifacts
-    box, model, path = await _box(aiohttp_client, api, tmp_path, int4, monkeypatch,
-                                  "shadow_share = 0.5\nab_share = 0.5\nshadow_min_samples = 3\nmin_samples = 4\n")
+    box, model, path = await _box(aiohttp_client, api, tmp_path, int8, monkeypatch,
+                                  "shadow_share = 0.5\nab_share = 0.5\nshadow_min_samples = 3\nmin_samples = 10\n")
     store, manager = box.client.app[STORE], box.client.app[RELEASE]
     try:
-        started = await asyncio.to_thread(_cli, "release", "start", str(int8), "--config", str(path))
+        started = await asyncio.to_thread(_cli, "release", "start", str(int4), "--config", str(path))
         assert started.returncode == 0 and '"phase": "shadow"' in started.stdout, started.stderr
         await _until(lambda: _ready(manager), 300, "the candidate model started")
         release = manager.release
@@ -138,7 +143,6 @@ async def test_shadow_then_ab_then_promotion_with_every_message_answered_once(ai
             assert time.monotonic() - began < 1200, f"no decision in 20 minutes: {latest.figures}"
             phases.append(latest.phase)
             await box.round()
-            await box.settle()
             await asyncio.sleep(3)  # the rule's next look
         print(f"\nrelease promoted after {len(box.messages)} messages in {time.monotonic() - began:.0f} s: "
               f"{latest.figures.get('reason')}; live {latest.figures.get('live')}, candidate "
@@ -182,14 +186,11 @@ async def test_shadow_then_ab_then_promotion_with_every_message_answered_once(ai
 async def test_a_candidate_that_crashes_during_ab_is_rolled_back(aiohttp_client, api, artifacts, tmp_path,
                                                                    monkeypatch):
     int4, int8 = artifacts
-    candidate = tmp_path / "candidate-int8"
-    shutil.copytree(int8, candidate)
-    box, model, path = await _box(aiohttp_client, api, tmp_path, int4, monkeypatch,
+    box, model, path = await _box(aiohttp_client, api, tmp_path, int8, monkeypatch,
                                   "shadow_share = 0.0\nab_share = 1.0\nmin_samples = 50\n")
     store, manager = box.client.app[STORE], box.client.app[RELEASE]
     try:
-        assert (await asyncio.to_thread(_cli, "release", "start", str(candidate), "--config",
-                                        str(path))).returncode == 0
+        assert (await asyncio.to_thread(_cli, "release", "start", str(int4), "--config", str(path))).returncode == 0
         await _until(lambda: _ready(manager), 300, "the candidate model started")
         assert (await asyncio.to_thread(_cli, "release", "ab", "--config", str(path))).returncode == 0
         await manager.follow()
@@ -198,11 +199,13 @@ async def test_a_candidate_that_crashes_during_ab_is_rolled_back(aiohttp_client,
         await box.settle()
         process = manager.processes[release.id]
         crashed = time.monotonic()
-        (candidate / "model.onnx").rename(candidate / "model.onnx.gone")  # its restarts fail: it stays down
+        copy = Path(release.artifact)  # brought onto the box's data disk at start
+        assert copy.parent == tmp_path / "artifacts"
+        (copy / "model.onnx").rename(copy / "model.onnx.gone")  # its restarts fail: it stays down
         os.kill(process._process.pid, signal.SIGKILL)
         while (latest := await store.run(records.latest)).phase == "ab":
             assert time.monotonic() - crashed < 300, latest.figures
-            await box.round()
+            await box.round(spaced=False)
             await asyncio.sleep(1)
         await box.settle()
         print(f"\ncandidate killed during A/B: {latest.phase} after {time.monotonic() - crashed:.1f} s "

@@ -84,5 +84,12 @@ def test_shadow_moves_on_or_rolls_back():
 
 def test_a_threshold_of_zero_asks_only_for_no_worse():
     rule = ReleaseConfig(min_samples=3, min_accuracy_gain=0.0, min_p99_drop=0.0, min_error_drop=0.0)
-    same = VariantFigures(5, 0, (1.0, 1.1, 0.9, 1.0, 1.2), _eval(10, 5))
+    same = VariantFigures(10, 0, (1.0, 1.1, 0.9, 1.0, 1.2) * 2, _eval(10, 5))
     assert decide("ab", same, same, VariantFigures(), VariantFigures(), rule).action == PROMOTE
+
+
+def test_a_handful_of_latencies_decides_nothing():
+    """Five answers each: a slower candidate's P99 is no evidence yet, either way."""
+    live, slow = VariantFigures(5, 0, (1.0,) * 5), VariantFigures(5, 0, (3.0,) * 5)
+    check = p99_check(live, slow, RULE)
+    assert check.value is None and not check.met and not check.worse

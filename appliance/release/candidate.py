@@ -89,13 +89,23 @@ class CandidateProcess:
             self.starts += 1
             log.info("starting the candidate model", extra={"artifact": self.artifact, "port": self.port})
             self._process = await asyncio.create_subprocess_exec(
-                *command, env=dict(os.environ), preexec_fn=lambda: os.nice(self.nice),
+                *command, env=dict(os.environ), preexec_fn=self._lower_priority,
                 stdout=asyncio.subprocess.DEVNULL, stderr=None)
             code = await self._process.wait()
             log.error("the candidate model exited (%s); starting it again in %.0f s", code, pause,
                       extra={"artifact": self.artifact})
             await asyncio.sleep(pause)
             pause = min(pause * 2, 60.0)
+
+    def _lower_priority(self) -> None:
+        """In the child, before it runs: behind the serving model for the CPU, and ahead of everything for the
+        out-of-memory killer (it inherits serve's -500, which protects the users' messages, not a candidate)."""
+        os.nice(self.nice)
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write("500")
+        except OSError:
+            pass  # not Linux, or a kernel without it: the priority alone
 
     async def stop(self) -> None:
         if self._task:

@@ -6,7 +6,7 @@ Three figures, each compared between the variants with a one-sided test at level
   (items only the candidate passes − items only the live model passes) / items, and it is real when the exact
   McNemar test on those discordant items says so;
 - P99 latency of served answers: the ratio candidate / live, with a bootstrap interval (2,000 resamples, a fixed
-  seed, so a decision can be recomputed from the stored samples);
+  seed, so a decision can be recomputed from the stored samples), once each variant has 10 answers or more;
 - error rate of served answers (engine errors, timeouts, filter-blocked and empty answers): errors are rare events,
   so the conditional binomial test for a ratio of two Poisson rates, exact at any count. When the live model made
   no errors at all there is nothing to halve: the condition is then that the candidate made none either.
@@ -27,6 +27,7 @@ import numpy as np
 from appliance.config import ReleaseConfig
 
 WAIT, ADVANCE, PROMOTE, ROLLBACK = "wait", "advance", "promote", "rollback"
+MIN_LATENCIES = 10  # below this a bootstrap of the P99 is the sample's maximum again and again: no evidence
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,9 @@ def accuracy_check(live: VariantFigures, candidate: VariantFigures, rule: Releas
 
 
 def p99_check(live: VariantFigures, candidate: VariantFigures, rule: ReleaseConfig) -> Check:
-    if not live.latencies or not candidate.latencies:
-        return Check("p99_latency", None, rule.min_p99_drop, False, False, None, "no served answers of both yet")
+    if min(len(live.latencies), len(candidate.latencies)) < MIN_LATENCIES:
+        return Check("p99_latency", None, rule.min_p99_drop, False, False, None,
+                     f"fewer than {MIN_LATENCIES} answered questions of each variant yet")
     rng = np.random.default_rng(0)
     a, b = np.asarray(live.latencies), np.asarray(candidate.latencies)
     draws = 2000
