@@ -135,8 +135,10 @@ def cmd_chat(args) -> None:
         chat.engine.stop()
 
 
-def _listen(app, listener, config, log_format: str) -> None:
-    """Run an app on its listener until SIGTERM, over TLS 1.3 (the admin pages' certificate) where it speaks it."""
+def _listen(app, listener, config, log_format: str, cancel_on_disconnect: bool = False) -> None:
+    """Run an app on its listener until SIGTERM, over TLS 1.3 (the admin pages' certificate) where it speaks it.
+    cancel_on_disconnect: a caller that hangs up cancels its handler at once (the model's: its engine drops the
+    sequence at the next prefill chunk, instead of prefilling for nobody until the next keep-alive write fails)."""
     from aiohttp import web
 
     from appliance.ops.logs import setup_logging
@@ -147,7 +149,8 @@ def _listen(app, listener, config, log_format: str) -> None:
         from appliance.admin.tls import server_context
 
         ssl_context, _ = server_context(config.admin.cert, config.admin.key, config.store.file.parent / "admin-tls")
-    web.run_app(app, host=listener.host, port=listener.port, ssl_context=ssl_context, print=None)
+    web.run_app(app, host=listener.host, port=listener.port, ssl_context=ssl_context, print=None,
+                handler_cancellation=cancel_on_disconnect)
 
 
 def cmd_model(args) -> None:
@@ -157,7 +160,7 @@ def cmd_model(args) -> None:
     config = load_config(args.config, {"model_server": {"host": args.host, "port": args.port},
                                        "model": {"artifact": args.artifact, "provider": args.provider}},
                          service="model")
-    _listen(create_model_app(config), config.model_server, config, args.log_format)
+    _listen(create_model_app(config), config.model_server, config, args.log_format, cancel_on_disconnect=True)
 
 
 def cmd_serve(args) -> None:

@@ -15,7 +15,7 @@ import pytest
 from appliance.app_keys import BACKENDS, RELEASE, STORE, WECHAT
 from appliance.config import load_config
 from appliance.model.server import create_model_app
-from appliance.release import records
+from appliance.release import records, rule
 from appliance.release.candidate import check_artifact
 from appliance.release.manager import in_share
 from appliance.wechat.envelope import Account
@@ -90,6 +90,17 @@ async def _settled(client) -> None:
     raise AssertionError("shadow questions still running")
 
 
+async def _scored(client, release: records.Release) -> rule.Decision:
+    """The rule's look once the evaluation set (started by its first look) is scored for both variants."""
+    manager, store = client.app[RELEASE], client.app[STORE]
+    await manager.evaluate()
+    for _ in range(600):
+        if all([await store.run(records.eval_done, release.id, v) for v in ("live", "candidate")]):
+            return await manager.evaluate()
+        await asyncio.sleep(0.1)
+    raise AssertionError("the evaluation set was not scored in 60 s")
+
+
 def _samples(db, release_id: int) -> list[dict]:
     return list(db["release_samples"].rows_where("release_id = ?", [release_id], order_by="id"))
 
@@ -127,8 +138,8 @@ async def test_shadow_answers_are_stored_sealed_never_sent_and_shares_are_stable
     shadowed_again = {again[s["ref"]][0] for s in await store.run(_samples, release.id)
                       if not s["served"] and s["ref"] in again}
     assert shadowed_again == {replies[ref][0] for ref in expected}
-    decision = await client.app[RELEASE].evaluate()
-    assert decision.action == "advance"
+    decision = await _scored(client, release)
+    assert decision.action == "advance", decision.reason
     assert (await store.run(records.latest)).phase == "ab"
 
 
@@ -162,7 +173,7 @@ async def test_promotion_puts_the_candidate_first_and_outlives_a_restart(start_b
     with pytest.raises(records.ReleaseError, match="already running"):
         await store.run(records.start, "again", candidate_url, "", "", 0.5, 0.5, True, "test")
     await _traffic(client, 400)
-    assert (await manager.evaluate()).action == "advance"
+    assert (await _scored(client, release)).action == "advance"
     replies = {}
     for first in (500, 520, 540):  # ten answers of each variant at least: the P99's smallest sample
         replies |= await _traffic(client, first)
@@ -170,10 +181,6 @@ async def test_promotion_puts_the_candidate_first_and_outlives_a_restart(start_b
     for sample in ab:  # each user got the variant of their share
         user = replies[sample["ref"]][0]
         assert sample["variant"] == ("candidate" if in_share(release.id, APP_ID, user, 0.5) else "live")
-    for _ in range(600):  # the evaluation set, scored at idle moments in the background
-        if all([await store.run(records.eval_done, release.id, v) for v in ("live", "candidate")]):
-            break
-        await asyncio.sleep(0.1)
     decision = await manager.evaluate()
     assert decision.action == "promote", decision.reason
     assert (await store.run(records.latest)).phase == "promoted"

@@ -74,8 +74,10 @@ def test_error_rate_when_the_live_model_makes_none():
 
 
 def test_shadow_moves_on_or_rolls_back():
-    live = VariantFigures(60, 0, (2.0,) * 60)
+    live = VariantFigures(60, 0, (2.0,) * 60, _eval(10, 5))
     assert decide("shadow", VariantFigures(), VariantFigures(), live, live, RULE).action == ADVANCE
+    unscored = VariantFigures(60, 0, (2.0,) * 60)
+    assert "being scored" in decide("shadow", VariantFigures(), VariantFigures(), unscored, unscored, RULE).reason
     few = VariantFigures(10, 0, (2.0,) * 10)
     assert decide("shadow", VariantFigures(), VariantFigures(), few, few, RULE).action == WAIT
     broken = VariantFigures(10, 10, ())

@@ -10,6 +10,14 @@ def test_markdown_becomes_plain_text():
     assert plain_text(md) == "开户\n需要带身份证，详见网站 https://bank.example/a\n• 第一步\n• 第二步\ncode"
 
 
+def test_characters_xml_cannot_carry_are_dropped():
+    import xml.etree.ElementTree as ET
+
+    text = plain_text("答\x00案\x08是\x1b[0m\ufffe好\t的\n")
+    assert text == "答案是[0m好\t的"
+    assert ET.fromstring(f"<xml><Content>{text}</Content></xml>").find("Content").text == text
+
+
 def test_plain_text_is_left_alone():
     text = "利率为 2*3 的结果，a_b_c 不变。"
     assert plain_text(text) == text

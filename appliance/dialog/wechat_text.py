@@ -1,4 +1,5 @@
-"""Model output made fit for a WeChat bubble: Markdown turned into plain text, and long answers cut at sentence
+"""Model output made fit for a WeChat bubble: Markdown turned into plain text, characters that XML cannot carry
+dropped (the reply is an XML document; a model can emit control characters), and long answers cut at sentence
 boundaries into pieces of at most 2048 UTF-8 bytes (the platform counts bytes, and cuts mid-character otherwise)."""
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ _LINK = re.compile(r"\[([^\]]+)\]\((https?://[^)\s]+)\)")
 _BULLET = re.compile(r"^(\s*)[-*+]\s+", re.MULTILINE)
 _RULE = re.compile(r"^\s*([-*_])\1{2,}\s*$", re.MULTILINE)
 _BLANKS = re.compile(r"\n{3,}")
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")  # outside XML 1.0's Char
 _SENTENCE_END = re.compile(r"(?<=[。！？!?；;\n])|(?<=[.](?=\s))")
 
 
 def plain_text(markdown: str) -> str:
-    text = _FENCE.sub("", markdown)
+    text = _NOT_XML.sub("", markdown)
+    text = _FENCE.sub("", text)
     text = _HEADING.sub("", text)
     text = _RULE.sub("", text)
     text = _BOLD.sub(r"\2", text)

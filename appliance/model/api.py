@@ -163,6 +163,9 @@ async def _stream(request, reply, ident: str, created: int, model: str, include_
                 await _event(response, ident, created, model, {"content": delta.content})
     except ConnectionResetError:
         log.info("client left mid-stream; generation cancelled")
+    except asyncio.CancelledError:  # the client hung up (the listener cancels handlers on disconnect) or shutdown
+        log.info("client left; generation cancelled")
+        raise
     finally:
         await items.aclose()
         await reply.aclose()

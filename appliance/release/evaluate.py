@@ -105,21 +105,27 @@ async def run(backend: Backend, items: list[Item], max_tokens: int, parallel: in
         async with gate:
             if before_each:
                 await before_each()
-            started = time.monotonic()
-            try:
-                completion = await backend.complete([{"role": "system", "content": system},
-                                                     {"role": "user", "content": item.question}], max_tokens,
-                                                    temperature=0.0)
-                answer, error = completion.content, ""
-            except BackendError as e:
-                answer, error = "", str(e)
+            result = await score(backend, item, system, max_tokens)
         done += 1
         if progress:
             progress(done, len(items))
-        return {"id": item.id, "category": item.category, "passed": bool(answer) and passes(item, answer),
-                "latency_s": round(time.monotonic() - started, 3), "answer": answer[:500], "error": error}
+        return result
 
     return list(await asyncio.gather(*(one(item) for item in items)))
+
+
+async def score(backend: Backend, item: Item, system: str, max_tokens: int) -> dict:
+    """One item asked and judged; a failed answer fails it."""
+    started = time.monotonic()
+    try:
+        completion = await backend.complete([{"role": "system", "content": system},
+                                             {"role": "user", "content": item.question}], max_tokens,
+                                            temperature=0.0)
+        answer, error = completion.content, ""
+    except BackendError as e:
+        answer, error = "", str(e)
+    return {"id": item.id, "category": item.category, "passed": bool(answer) and passes(item, answer),
+            "latency_s": round(time.monotonic() - started, 3), "answer": answer[:500], "error": error}
 
 
 def table(scores: dict[str, list[dict]]) -> str:

@@ -68,6 +68,7 @@ class ReleaseManager:
         self.in_flight = 0  # the candidate's questions now
         self.dropped = 0
         self._shadows: set[asyncio.Task] = set()
+        self._eval_items: set[asyncio.Task] = set()  # an evaluation question in flight, asked again if cancelled
         self._evaluations: dict[tuple[int, str], asyncio.Task] = {}
         self._task: asyncio.Task | None = None
         self._evaluated_at = 0.0
@@ -160,7 +161,9 @@ class ReleaseManager:
 
     async def complete(self, account: str, user: str, messages: list[dict], max_tokens: int) -> tuple[Completion, str]:
         """The answer a user gets, and the variant that made it; NoBackend as from the backends."""
-        if self.release and self.release.artifact:  # a live question goes first: shadow work on this box yields
+        for task in list(self._eval_items):  # a live question goes first: background work on this box yields
+            task.cancel()
+        if self.release and self.release.artifact:
             for task in list(self._shadows):
                 task.cancel()
         if self.variant_for(account, user) == CANDIDATE and self.ready \
@@ -216,11 +219,13 @@ class ReleaseManager:
         outcome = "empty" if not answer else "blocked" if self.filter_hits(answer) else "ok"
         await self._sample(release, ref, CANDIDATE, False, completion, completion.total_s, outcome, answer)
 
-    async def _wait_idle(self, release: Release, limit_s: float | None) -> bool:
-        """Until the candidate has room and, when it shares this box, the serving model has nothing in flight."""
+    async def _wait_idle(self, release: Release, limit_s: float | None, on_this_box: bool = False) -> bool:
+        """Until the candidate has room and, when the work runs on this box (an artifact candidate, or the serving
+        model itself), the serving model has nothing in flight."""
         deadline = None if limit_s is None else time.monotonic() + limit_s
+        on_this_box = on_this_box or bool(release.artifact)
         while not self.ready or self.in_flight >= self.config.candidate_max_concurrent \
-                or (release.artifact and self.backends.busy):
+                or (on_this_box and (self.backends.busy or self.in_flight)):
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.2)
@@ -244,7 +249,8 @@ class ReleaseManager:
         if release is None:
             return None
         self._evaluated_at = time.monotonic()
-        self._start_evaluations(release)
+        if release.phase == "shadow":
+            self._start_evaluations(release)
         live, candidate, shadow, shadow_live = await self.store.run(_figures, release)
         decision = rule.decide(release.phase, live, candidate, shadow, shadow_live, self.config)
         figures = {**decision.as_dict(), "at": time.time(), "dropped": self.dropped}
@@ -260,7 +266,8 @@ class ReleaseManager:
         return decision
 
     def _start_evaluations(self, release: Release) -> None:
-        """The evaluation set, once per release and variant, in the background at idle moments."""
+        """The evaluation set, once per release and variant, in the background at idle moments of the shadow phase
+        (in A/B it would slow the answers whose latency the rule compares)."""
         for variant in (LIVE, CANDIDATE):
             key = (release.id, variant)
             if key not in self._evaluations:
@@ -273,9 +280,23 @@ class ReleaseManager:
         while (target := self.candidate if variant == CANDIDATE else self.backends.serving()) is None:
             await asyncio.sleep(FOLLOW_EVERY_S)
         log.info("release %d: scoring %s (%s) on %d evaluation items", release.id, variant, target.label, len(items))
-        results = await evaluate.run(target, items, self.config.eval_max_tokens, parallel=1,
-                                     profile=self.config.eval_profile,
-                                     before_each=lambda: self._wait_idle(release, None))
+        system, results = evaluate.system_prompt(self.config.eval_profile), []
+        for item in items:  # one at a time, at idle moments; a live question cancels it, and it is asked again
+            while True:
+                await self._wait_idle(release, None, on_this_box=variant == LIVE)
+                task = asyncio.get_running_loop().create_task(
+                    evaluate.score(target, item, system, self.config.eval_max_tokens))
+                if variant == LIVE or release.artifact:  # on this box: it yields to live questions
+                    self._eval_items.add(task)
+                try:
+                    results.append(await task)
+                    break
+                except asyncio.CancelledError:
+                    if asyncio.current_task().cancelling():
+                        task.cancel()
+                        raise
+                finally:
+                    self._eval_items.discard(task)
         await self.store.run(records.record_eval, release.id, variant, target.label, results)
         log.info("release %d: %s passed %d of %d evaluation items", release.id, variant,
                  sum(r["passed"] for r in results), len(results))

@@ -124,15 +124,10 @@ def record_sample(db, vault, release_id: int, ref: str, variant: str, served: bo
 
 
 def figures(db, release_id: int, variant: str, served: bool, since: float = 0.0) -> VariantFigures:
+    """A variant's answers (served, or shadow) since a time, with its evaluation-set results."""
     rows = db.execute("SELECT latency_s, outcome FROM release_samples WHERE release_id = ? AND variant = ? "
                       "AND served = ? AND at >= ?", [release_id, variant, int(served), since]).fetchall()
-    latencies = tuple(latency for latency, outcome in rows if outcome == "ok" and latency is not None)
-    passed = {}
-    run = db.execute("SELECT results FROM eval_runs WHERE release_id = ? AND variant = ? ORDER BY id DESC LIMIT 1",
-                     [release_id, variant]).fetchone()
-    if run:
-        passed = {item["id"]: item["passed"] for item in json.loads(run[0])}
-    return VariantFigures(len(rows), sum(outcome in ERROR_OUTCOMES for _, outcome in rows), latencies, passed)
+    return _variant(rows, _evaluated(db, release_id, variant))
 
 
 def shadowed_live(db, release_id: int) -> VariantFigures:
@@ -140,8 +135,19 @@ def shadowed_live(db, release_id: int) -> VariantFigures:
     rows = db.execute("SELECT latency_s, outcome FROM release_samples WHERE release_id = ? AND variant = 'live' "
                       "AND served = 1 AND ref IN (SELECT ref FROM release_samples WHERE release_id = ? AND served = 0)",
                       [release_id, release_id]).fetchall()
-    return VariantFigures(len(rows), sum(o in ERROR_OUTCOMES for _, o in rows),
-                          tuple(lat for lat, o in rows if o == "ok" and lat is not None))
+    return _variant(rows, _evaluated(db, release_id, "live"))
+
+
+def _variant(rows: list, passed: dict[str, bool]) -> VariantFigures:
+    return VariantFigures(len(rows), sum(outcome in ERROR_OUTCOMES for _, outcome in rows),
+                          tuple(latency for latency, outcome in rows if outcome == "ok" and latency is not None),
+                          passed)
+
+
+def _evaluated(db, release_id: int, variant: str) -> dict[str, bool]:
+    run = db.execute("SELECT results FROM eval_runs WHERE release_id = ? AND variant = ? ORDER BY id DESC LIMIT 1",
+                     [release_id, variant]).fetchone()
+    return {item["id"]: item["passed"] for item in json.loads(run[0])} if run else {}
 
 
 def record_eval(db, release_id: int | None, variant: str, target: str, results: list[dict]) -> None:

@@ -12,7 +12,8 @@ Three figures, each compared between the variants with a one-sided test at level
   no errors at all there is nothing to halve: the condition is then that the candidate made none either.
 
 Promotion needs all three, each past its threshold and significant, over at least `min_samples` served answers of
-each variant. A threshold of 0 or below asks only that the candidate be no worse than it (a branch that replaces
+each variant. Shadow also waits for the evaluation set to be scored for both variants (at idle moments: in A/B it
+would compete with the answers whose latency is being compared). A threshold of 0 or below asks only that the candidate be no worse than it (a branch that replaces
 its model for another reason, a licence or a vendor, sets 0), so no significance is asked of that figure. Rollback needs one figure significantly worse. Shadow traffic moves on to A/B once the candidate
 has `shadow_min_samples` shadow answers and an error rate not significantly worse than the live model's.
 """
@@ -149,6 +150,8 @@ def decide(phase: str, live: VariantFigures, candidate: VariantFigures, shadow: 
         if shadow.answers < rule.shadow_min_samples:
             return Decision(WAIT, f"{shadow.answers} of {rule.shadow_min_samples} shadow answers so far", (errors,),
                             **figures)
+        if not (shadow.eval_passed and shadow_live.eval_passed):
+            return Decision(WAIT, "the evaluation set is being scored for both variants", (errors,), **figures)
         return Decision(ADVANCE, f"{shadow.answers} shadow answers, errors not worse ({errors.note}): A/B",
                         (errors,), **figures)
     checks = (accuracy_check(live, candidate, rule), p99_check(live, candidate, rule), error_check(live, candidate, rule))
