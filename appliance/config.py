@@ -340,8 +340,8 @@ class Config:
 
 
 _SECTIONS = {"model": ModelConfig, "engine": EngineConfig, "model_server": ModelServerConfig, "server": ServerConfig,
-             "wechat": WeChatConfig, "wecom": WeComConfig, "dialog": DialogConfig, "store": StoreConfig, "metrics": MetricsConfig,
-             "admin": AdminConfig, "release": ReleaseConfig}
+             "wechat": WeChatConfig, "wecom": WeComConfig, "dialog": DialogConfig, "store": StoreConfig,
+             "metrics": MetricsConfig, "admin": AdminConfig, "release": ReleaseConfig}
 _FROM_ENV_ONLY = {"api_keys"}
 _SECRETS = {"wechat": ("R1BOX_WECHAT", ("token", "encoding_aes_key", "previous_encoding_aes_key", "app_secret")),
             "wecom": ("R1BOX_WECOM", ("token", "encoding_aes_key", "previous_encoding_aes_key", "corp_secret"))}

@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import time
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -124,10 +125,7 @@ class ReleaseManager:
     def _attach(self, release: Release) -> None:
         log.info("release %d: candidate %s at %s, %s", release.id, release.candidate, release.url, release.phase)
         if release.artifact and release.id not in self.processes:
-            process = CandidateProcess(release.artifact, self.config.candidate_port, self.config.candidate_nice,
-                                       self.config_file)
-            process.start()
-            self.processes[release.id] = process
+            self._run_artifact(release, self.config.candidate_nice)
         self.candidate, self.ready = Backend(candidate_backend(release, self.config), self.session), False
         self._evaluated_at = time.monotonic()
 
@@ -144,10 +142,14 @@ class ReleaseManager:
     def _serve_promoted(self, release: Release) -> None:
         """The promoted candidate is the serving model: first among the backends (its process kept running)."""
         if release.artifact and release.id not in self.processes:
-            process = CandidateProcess(release.artifact, self.config.candidate_port, 0, self.config_file)
-            process.start()
-            self.processes[release.id] = process
+            self._run_artifact(release, nice=0)
         self.backends.add_first(candidate_backend(release, self.config))
+
+    def _run_artifact(self, release: Release, nice: int) -> None:
+        """The artifact's own `r1box model`, on the port its release was given at start."""
+        process = CandidateProcess(release.artifact, urlsplit(release.url).port, nice, self.config_file)
+        process.start()
+        self.processes[release.id] = process
 
     # ---- answering ----
 
@@ -177,10 +179,10 @@ class ReleaseManager:
                                    "timeout" if e.timed_out else "error")
         return await self.backends.complete(messages, max_tokens), LIVE
 
-    async def _ask_candidate(self, messages: list[dict], max_tokens: int, **kw) -> Completion:
+    async def _ask_candidate(self, messages: list[dict], max_tokens: int) -> Completion:
         self.in_flight += 1
         try:
-            return await self.candidate.complete(messages, max_tokens, **kw)
+            return await self.candidate.complete(messages, max_tokens)
         finally:
             self.in_flight -= 1
 

@@ -51,9 +51,9 @@ class Release:
 
 
 def _release(row) -> Release:
-    return Release(row["id"], row["candidate"], row["url"], row["key_env"] or "", row["artifact"] or "", row["phase"], row["shadow_share"],
-                   row["ab_share"], bool(row["auto"]), row["started_at"], row["phase_at"] or row["started_at"],
-                   row["ended_at"], json.loads(row["figures"] or "{}"))
+    return Release(row["id"], row["candidate"], row["url"], row["key_env"] or "", row["artifact"] or "",
+                   row["phase"], row["shadow_share"], row["ab_share"], bool(row["auto"]), row["started_at"],
+                   row["phase_at"] or row["started_at"], row["ended_at"], json.loads(row["figures"] or "{}"))
 
 
 def latest(db) -> Release | None:
@@ -80,8 +80,8 @@ def start(db, candidate: str, url: str, key_env: str, artifact: str, shadow_shar
                                "promote, roll back or stop it first (r1box release status).")
         now = time.time()
         release_id = db["releases"].insert({
-            "candidate": candidate, "url": url, "key_env": key_env, "artifact": artifact, "phase": "shadow", "shadow_share": shadow_share,
-            "ab_share": ab_share, "auto": int(auto), "started_by": actor, "started_at": now, "phase_at": now,
+            "candidate": candidate, "url": url, "key_env": key_env, "artifact": artifact, "phase": "shadow",
+            "shadow_share": shadow_share, "ab_share": ab_share, "auto": int(auto), "started_by": actor, "started_at": now, "phase_at": now,
             "figures": "{}"}).last_pk
         audit.record(db, "release_start", {"release": release_id, "candidate": candidate, "url": url,
                                            "artifact": artifact, "shadow_share": shadow_share,

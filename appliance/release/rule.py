@@ -13,9 +13,11 @@ Three figures, each compared between the variants with a one-sided test at level
 
 Promotion needs all three, each past its threshold and significant, over at least `min_samples` served answers of
 each variant. Shadow also waits for the evaluation set to be scored for both variants (at idle moments: in A/B it
-would compete with the answers whose latency is being compared). A threshold of 0 or below asks only that the candidate be no worse than it (a branch that replaces
-its model for another reason, a licence or a vendor, sets 0), so no significance is asked of that figure. Rollback needs one figure significantly worse. Shadow traffic moves on to A/B once the candidate
-has `shadow_min_samples` shadow answers and an error rate not significantly worse than the live model's.
+would compete with the answers whose latency is being compared). A threshold of 0 or below asks only that the
+candidate be no worse than it (a branch that replaces its model for another reason, a licence or a vendor, sets 0),
+so no significance is asked of that figure. Rollback needs one figure significantly worse. Shadow traffic moves on
+to A/B once the candidate has `shadow_min_samples` shadow answers and an error rate not significantly worse than the
+live model's.
 """
 
 from __future__ import annotations
@@ -154,7 +156,8 @@ def decide(phase: str, live: VariantFigures, candidate: VariantFigures, shadow: 
             return Decision(WAIT, "the evaluation set is being scored for both variants", (errors,), **figures)
         return Decision(ADVANCE, f"{shadow.answers} shadow answers, errors not worse ({errors.note}): A/B",
                         (errors,), **figures)
-    checks = (accuracy_check(live, candidate, rule), p99_check(live, candidate, rule), error_check(live, candidate, rule))
+    checks = (accuracy_check(live, candidate, rule), p99_check(live, candidate, rule),
+              error_check(live, candidate, rule))
     figures = {"live": live.summary(), "candidate": candidate.summary()}
     if worse := [c for c in checks if c.worse]:
         return Decision(ROLLBACK, "significantly worse: " + "; ".join(f"{c.name} ({c.note})" for c in worse),
