@@ -5,7 +5,8 @@ help), filters what comes in and what goes out, and asks a model through the bac
 reasoning discarded: a WeChat user sees only the answer. Turns are stored sealed, under the user's keyed hash.
 When no backend can answer, a question close to one of the operators' frequently asked ones gets its approved
 answer from the answer cache at once, marked as such; any other waits (it is already recorded in the store) and is
-asked again, whole, once a backend answers its probe: nothing is remembered of it until an answer came.
+asked again, whole, once a backend answers its probe: nothing is remembered of it until an answer came. During a
+gray release (appliance/release/) the release decides which variant answers a user and records each answer.
 """
 
 from __future__ import annotations
