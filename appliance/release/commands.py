@@ -117,8 +117,8 @@ def cmd_eval(args) -> None:
         try:
             backend_config = BackendConfig(url=url, key_env=key_env, key=os.environ.get(key_env, "") if key_env else "",
                                            first_token_timeout_s=600, timeout_s=1800)
-            scores[target] = asyncio.run(_score(backend_config, items, args.max_tokens, args.parallel, profile,
-                                                target))
+            name = target if process is None else Path(target).name  # an artifact by its directory's name
+            scores[name] = asyncio.run(_score(backend_config, items, args.max_tokens, args.parallel, profile, name))
         finally:
             if process:
                 process.stop()
