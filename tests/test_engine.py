@@ -85,6 +85,25 @@ async def test_prefix_reuse_gives_the_same_tokens_with_less_prefill(artifact):
     assert engine.stats()["prefix_cache"]["hits"] == 1
 
 
+async def test_a_cancelled_request_leaves_its_prefill_for_the_next_ask(artifact):
+    """Asked again after giving up, the same prompt reuses what was computed, and gives the same tokens."""
+    manifest, tok = artifact
+    prompt = tok.encode(tok.render([{"role": "system", "content": "You answer from the branch's fact sheet. " * 8},
+                                    {"role": "user", "content": "When do you open?"}]))
+    engine, cold = _engine(manifest, max_batch=1, prefill_chunk=16), _engine(manifest, prefix_cache_mb=0)
+    try:
+        stream = engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0))
+        await anext(stream)
+        await stream.aclose()
+        tokens, finish = await _collect(engine, prompt)
+        cold_tokens, _ = await _collect(cold, prompt)
+    finally:
+        engine.stop()
+        cold.stop()
+    assert engine.stats()["cancelled"] == 1 and finish.reused_tokens >= len(prompt) - 1
+    assert tokens == cold_tokens
+
+
 async def test_cancelled_stream_frees_its_slot(artifact):
     manifest, tok = artifact
     engine = _engine(manifest, max_batch=1)

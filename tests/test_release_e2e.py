@@ -26,6 +26,7 @@ from appliance.wechat.envelope import Account
 from appliance.wechat.sim import Platform, text_message
 from tests.conftest import free_port, write_config
 from tests.model_process import ModelProcess
+from tests.test_release import branch_set
 
 pytestmark = pytest.mark.slow
 
@@ -95,11 +96,13 @@ async def _box(aiohttp_client, api, tmp_path, artifact, monkeypatch, release: st
     monkeypatch.setenv("R1BOX_WECHAT_TOKEN", TOKEN)
     monkeypatch.setenv("R1BOX_WECHAT_APP_SECRET", "gray-secret")
     monkeypatch.setenv("R1BOX_MODEL_KEY", "gray-model-key")
+    profile, items = branch_set(tmp_path)  # a branch's own short fact sheet: the shipped one is `r1box eval`'s
     path = write_config(tmp_path, artifact, '[engine]\nmax_batch = 2\nmax_length = 2304\n'
                         f'[wechat]\napp_id = "{APP_ID}"\nmode = "plain"\ndelivery = "push"\n'
                         f'api_base_url = "http://127.0.0.1:{api.server.port}"\n'
                         '[dialog]\nmax_tokens = 24\nrate_per_minute = 0\n'
                         f'[release]\ncandidate_port = {free_port()}\nevaluate_every_s = 2\neval_items = 3\n'
+                        f'eval_profile = "{profile}"\neval_sets = ["{items}"]\n'
                         'eval_max_tokens = 24\nidle_wait_s = 120\nmin_accuracy_gain = -1.0\nmin_p99_drop = 0.0\n'
                         'min_error_drop = 0.0\n' + release, threads=None)
     config = load_config(path)

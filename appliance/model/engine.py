@@ -178,7 +178,9 @@ class Engine:
             self._waiting.remove(seq)
             self.counters["cancelled"] += 1
         for seq in [s for s in self._running if s.cancelled]:
-            self._retire(seq, store=False)
+            # what it prefilled is kept: a caller that gave up (a background question yielding to a user's) and
+            # asks again resumes there instead of prefilling a long prompt from the start each time
+            self._retire(seq, store=True)
             self.counters["cancelled"] += 1
 
     def _admit(self) -> None:
