@@ -90,8 +90,10 @@ def test_a_threshold_of_zero_asks_only_for_no_worse():
     assert decide("ab", same, same, VariantFigures(), VariantFigures(), rule).action == PROMOTE
 
 
-def test_a_handful_of_latencies_decides_nothing():
-    """Five answers each: a slower candidate's P99 is no evidence yet, either way."""
-    live, slow = VariantFigures(5, 0, (1.0,) * 5), VariantFigures(5, 0, (3.0,) * 5)
-    check = p99_check(live, slow, RULE)
-    assert check.value is None and not check.met and not check.worse
+def test_a_few_dozen_latencies_decide_nothing():
+    """Fifty answers each: their P99 is their maximum, so a slower or faster candidate is no evidence yet; only
+    a "no worse" threshold can be met, on the figure itself."""
+    live, slow, fast = (VariantFigures(50, 0, (x,) * 50) for x in (1.0, 3.0, 0.5))
+    assert not any(c.met or c.worse for c in (p99_check(live, slow, RULE), p99_check(live, fast, RULE)))
+    no_worse = ReleaseConfig(min_p99_drop=0.0)
+    assert p99_check(live, fast, no_worse).met and not p99_check(live, slow, no_worse).met

@@ -6,7 +6,8 @@ Three figures, each compared between the variants with a one-sided test at level
   (items only the candidate passes − items only the live model passes) / items, and it is real when the exact
   McNemar test on those discordant items says so;
 - P99 latency of served answers: the ratio candidate / live, with a bootstrap interval (2,000 resamples, a fixed
-  seed, so a decision can be recomputed from the stored samples), once each variant has 10 answers or more;
+  seed, so a decision can be recomputed from the stored samples), once each variant has 100 answers (the P99 of
+  fewer is their maximum: no evidence either way);
 - error rate of served answers (engine errors, timeouts, filter-blocked and empty answers): errors are rare events,
   so the conditional binomial test for a ratio of two Poisson rates, exact at any count. When the live model made
   no errors at all there is nothing to halve: the condition is then that the candidate made none either.
@@ -30,7 +31,7 @@ import numpy as np
 from appliance.config import ReleaseConfig
 
 WAIT, ADVANCE, PROMOTE, ROLLBACK = "wait", "advance", "promote", "rollback"
-MIN_LATENCIES = 10  # below this a bootstrap of the P99 is the sample's maximum again and again: no evidence
+MIN_LATENCIES = 100  # below this the P99 is the sample's maximum, and a bootstrap of it no evidence either way
 
 
 @dataclass(frozen=True)
@@ -106,21 +107,23 @@ def accuracy_check(live: VariantFigures, candidate: VariantFigures, rule: Releas
 
 
 def p99_check(live: VariantFigures, candidate: VariantFigures, rule: ReleaseConfig) -> Check:
-    if min(len(live.latencies), len(candidate.latencies)) < MIN_LATENCIES:
-        return Check("p99_latency", None, rule.min_p99_drop, False, False, None,
-                     f"fewer than {MIN_LATENCIES} answered questions of each variant yet")
+    if not live.latencies or not candidate.latencies:
+        return Check("p99_latency", None, rule.min_p99_drop, False, False, None, "no answers of both yet")
+    drop = 1 - candidate.percentile(99) / max(live.percentile(99), 1e-9)
+    note = f"P99 {live.percentile(99):.2f} s live, {candidate.percentile(99):.2f} s candidate"
+    if min(len(live.latencies), len(candidate.latencies)) < MIN_LATENCIES:  # a "no worse" threshold needs none
+        return Check("p99_latency", drop, rule.min_p99_drop, rule.min_p99_drop <= 0 and drop >= rule.min_p99_drop,
+                     False, None, f"{note}; fewer than {MIN_LATENCIES} answers of each variant: no evidence yet")
     rng = np.random.default_rng(0)
     a, b = np.asarray(live.latencies), np.asarray(candidate.latencies)
     draws = 2000
     ratios = (np.percentile(rng.choice(b, (draws, b.size)), 99, axis=1)
               / np.maximum(np.percentile(rng.choice(a, (draws, a.size)), 99, axis=1), 1e-9))
-    drop = 1 - candidate.percentile(99) / max(live.percentile(99), 1e-9)
     target = 1 - rule.min_p99_drop
     better_p = float(np.mean(ratios > target))  # the share of resamples where the drop falls short
     worse_p = float(np.mean(ratios <= 1.0))
     return Check("p99_latency", drop, rule.min_p99_drop, _met(drop, rule.min_p99_drop, better_p, rule.alpha),
-                 drop < 0 and worse_p <= rule.alpha, better_p,
-                 f"P99 {live.percentile(99):.2f} s live, {candidate.percentile(99):.2f} s candidate")
+                 drop < 0 and worse_p <= rule.alpha, better_p, note)
 
 
 def error_check(live: VariantFigures, candidate: VariantFigures, rule: ReleaseConfig) -> Check:
