@@ -174,10 +174,12 @@ def _walk_release(url: str, shots: Path) -> dict:
     driver, found = _browser(), {}
     try:
         def click(button_id: str) -> str:
+            """The form's POST answers with the page itself: wait until the new one has replaced the old whole."""
             button = driver.find_element(By.ID, button_id)
             button.click()
             wait = WebDriverWait(driver, 20)
             wait.until(appears.staleness_of(button))
+            wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
             return wait.until(appears.presence_of_element_located((By.ID, "notice"))).text
 
         driver.get(url + "/login")
