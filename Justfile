@@ -14,13 +14,32 @@ chat *ARGS: install
 
 # install everything and run the whole test suite (the real 0.5B model and the firmware image included); the
 # drills of many minutes are `just drill`'s
-test *ARGS: install promtool chromium image-tools
+test *ARGS: install promtool chromium image-tools ha-tools
     {{python}} -m pytest -m "not drill" {{ARGS}}
 
 # the fault drills of many minutes: an update of the booted image kept, then a broken one rolled back (about 20
 # minutes under emulation)
 drill *ARGS: install image-tools
     {{python}} -m pytest -m drill -s {{ARGS}}
+
+# what a hot-standby pair runs beside r1box, from Debian: keepalived, sshd (the store's copy arrives through it),
+# arping (the fence) and nftables (the drills cut links with it); their services are not started by the install
+[private]
+ha-tools:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    tools=(keepalived:keepalived /usr/sbin/sshd:openssh-server arping:iputils-arping ping:iputils-ping nft:nftables
+           ip:iproute2)
+    missing=()
+    for t in "${tools[@]}"; do command -v "${t%%:*}" >/dev/null || [ -e "${t%%:*}" ] || missing+=("${t#*:}"); done
+    [ ${#missing[@]} -eq 0 ] && exit 0
+    echo "installing ${missing[*]} for the hot-standby pair" >&2
+    [ "$(id -u)" -eq 0 ] || { echo "run as root, or: sudo apt-get install ${missing[*]}" >&2; exit 1; }
+    blocker=/usr/sbin/policy-rc.d  # no daemon of these starts by itself: the node runs them
+    [ -e "$blocker" ] || { printf '#!/bin/sh\nexit 101\n' > "$blocker" && chmod +x "$blocker" && trap 'rm -f "$blocker"' EXIT; }
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }
 
 # fast tests only: the tiny random model, no 0.5 GB download
 test-fast *ARGS: install promtool chromium

@@ -20,8 +20,10 @@ from appliance.backends.pool import Backends
 from appliance.config import Config
 from appliance.dialog.engine import Dialog
 from appliance.dialog.filter import WordFilter
+from appliance.ha.node import read_role, state_dir
+from appliance.ha.replication import ReplicaBarrier
 from appliance.ops.logs import request_id_middleware
-from appliance.ops.metrics import BackendCollector, Metrics, WeChatCollector
+from appliance.ops.metrics import BackendCollector, HaCollector, Metrics, WeChatCollector
 from appliance.ops.systemd import systemd_ctx
 from appliance.release.manager import ReleaseManager
 from appliance.store.database import Store
@@ -36,15 +38,23 @@ log = logging.getLogger(__name__)
 
 
 async def _store_ctx(app: web.Application):
-    config = app[CONFIG].store
+    config_all = app[CONFIG]
+    config = config_all.store
     store = Store(config.file, config.keys)
     await asyncio.get_running_loop().run_in_executor(None, store.open)
     app[STORE] = store
+    if config_all.ha.enabled:  # one box of a pair: acknowledgements wait for the peer's copy
+        store.replica = ReplicaBarrier(state_dir(config_all) / "litestream.sock", store.path,
+                                       config_all.ha.sync_timeout_s)
+        await store.replica.start()
+        app[METRICS].watch(HaCollector(lambda: read_role(config_all), store.replica))
     retention = asyncio.create_task(run_retention(store, config.conversation_days, config.audit_days,
                                                   config.retention_interval_h))
     yield
     retention.cancel()
     await asyncio.gather(retention, return_exceptions=True)
+    if store.replica:
+        await store.replica.close()
     await asyncio.get_running_loop().run_in_executor(None, store.close)
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from appliance.errors import R1boxError
+from appliance.ha import commands as ha_commands
 from appliance.release import commands as release_commands
 from appliance.store import commands as store_commands
 
@@ -369,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     store_commands.add_parsers(sub)
     release_commands.add_parsers(sub)
+    ha_commands.add_parsers(sub)
     return parser
 
 

@@ -74,3 +74,10 @@ class BackendError(R1boxError):
 
 class NoBackend(R1boxError):
     """No model backend could answer now. The question stays recorded and is asked again when one comes back."""
+
+
+class HaError(R1boxError):
+    """The hot-standby pair cannot do what it was asked: keepalived or litestream missing or failing, a replica that
+    will not restore, a pair not yet paired. The message says which and what to do."""
+
+    exit_code = 10

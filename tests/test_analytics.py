@@ -38,7 +38,7 @@ def test_an_upgraded_database_counts_what_it_had(tmp_path):
         step(db)
         db["_migrations"].insert({"name": name, "applied_at": 0.0})
     seed_messages(db)
-    assert migrate(db) == ["0008_analytics_rollups", "0009_answer_cache", "0010_releases"]
+    assert migrate(db) == [name for name, _ in MIGRATIONS if name >= "0008"]
     fresh = open_database(tmp_path / "fresh.db")
     seed_messages(fresh)
     for query in (analytics.messages, analytics.active_users, analytics.latency):

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.ops.metrics import GpuCollector
+from appliance.ha.replication import ReplicaBarrier
+from appliance.ops.metrics import GpuCollector, HaCollector
 from tests.conftest import write_config
 
 MONITORING = Path(__file__).parent.parent / "appliance" / "ops" / "monitoring"
-PROMQL_WORDS = {"sum", "by", "rate", "increase", "histogram_quantile", "clamp_min", "avg", "max", "le", "instance",
+PROMQL_WORDS = {"sum", "by", "and", "rate", "increase", "histogram_quantile", "clamp_min", "avg", "max", "le", "instance",
                 "status", "mode", "code", "gpu", "job", "up", "label_values"}
 
 
@@ -76,6 +77,9 @@ def _metric_names_in(expr: str) -> set[str]:
 async def test_every_query_names_a_metric_the_box_exposes(client_with_conversation):
     exposed = await client_with_conversation()
     exposed |= {s.name for family in GpuCollector(_FakeNvml()).collect() for s in family.samples}
+    barrier = ReplicaBarrier(Path("unused.sock"), Path("unused.db"), 1.0)  # a pair's box ([ha]) adds these
+    exposed |= {s.name for family in HaCollector(lambda: {"role": "active"}, barrier).collect()
+                for s in family.samples}
     board = json.loads((MONITORING / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
     exprs += re.findall(r"expr: (.+)", (MONITORING / "alerts.yml").read_text())

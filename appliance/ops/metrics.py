@@ -165,6 +165,33 @@ class BackendCollector:
         yield from (requests, errors, failovers, up, state, in_flight)
 
 
+class HaCollector:
+    """One box of a hot-standby pair (appliance/ha/), as its node last wrote itself and as serve's acknowledgements
+    found the peer's copy; registered only where [ha] is enabled."""
+
+    def __init__(self, read_role, barrier):
+        self.read_role, self.barrier = read_role, barrier
+
+    def collect(self):
+        role = self.read_role()
+        roles = GaugeMetricFamily("r1box_ha_role", "This box's role in the pair: 1 on the current one",
+                                  labels=["role"])
+        for each in ("active", "standby", "fault", "off"):
+            roles.add_metric([each], 1 if role.get("role") == each else 0)
+        yield roles
+        yield _gauge("r1box_ha_epoch", "Takeovers the store has seen (its age)", role.get("epoch") or 0)
+        last = role.get("last_takeover") or {}
+        yield _gauge("r1box_ha_last_takeover_timestamp_seconds", "When this box last took over (0: never)",
+                     last.get("at", 0))
+        yield _gauge("r1box_ha_peer_copy_ok", "1 when the peer confirmed the store's copy at the last ask",
+                     0 if self.barrier.alone else 1)
+        replicated = role.get("replicated_at")
+        yield _gauge("r1box_ha_replication_lag_seconds", "Since the peer last confirmed it had all of the store",
+                     time.time() - replicated if replicated else 0)
+        yield _counter("r1box_ha_unreplicated_acknowledgements", "Acknowledgements made while the peer's copy was "
+                       "out of reach", self.barrier.misses)
+
+
 class GpuCollector:
     """NVML's view of each GPU; registered only where NVML starts."""
 

@@ -224,6 +224,14 @@ def _m0010_releases(db: sqlite_utils.Database) -> None:
     db["eval_runs"].create_index(["release_id", "variant"])
 
 
+def _m0011_ha_takeovers(db: sqlite_utils.Database) -> None:
+    """Hot standby (appliance/ha/): one row each time a box of a pair starts serving this store. The highest epoch
+    is the store's age, which a box compares with its peer's copy before it serves, so neither ever serves an
+    older store than the other holds."""
+    db["ha_takeovers"].create({"epoch": int, "node": str, "source": str, "at": float}, pk="epoch",
+                              not_null={"node", "source", "at"})
+
+
 # Append only: a released migration is never edited or reordered; its name is recorded once applied.
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_wechat_inbound", _m0001_wechat_inbound),
@@ -236,6 +244,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0008_analytics_rollups", _m0008_analytics_rollups),
     ("0009_answer_cache", _m0009_answer_cache),
     ("0010_releases", _m0010_releases),
+    ("0011_ha_takeovers", _m0011_ha_takeovers),
 ]
 
 
@@ -302,6 +311,7 @@ class Store:
         self._db: sqlite_utils.Database | None = None
         self._lock_fd: int | None = None
         self.vault: Vault | None = None
+        self.replica = None  # [ha]: the wait for the peer's copy (appliance/ha/replication.py), set by serve
 
     def open(self) -> None:
         self._executor.submit(self._open).result()
@@ -322,6 +332,12 @@ class Store:
             os.close(self._lock_fd)
             self._lock_fd = None
             raise
+
+    async def reached_peer(self) -> None:
+        """Waits until what was written so far is in the pair's other box ([ha]); at once on a box alone. Called
+        before the platform is told that a message was taken or a push was made."""
+        if self.replica is not None:
+            await self.replica.reached_peer()
 
     async def run(self, fn: Callable, *args):
         loop = asyncio.get_running_loop()

@@ -83,6 +83,7 @@ class Callbacks:
         except BadCallback as e:
             return _refuse(request, e)
         answer = await self.service.on_message(inbound_of(account.app_id, message))
+        await self.service.store.reached_peer()  # what the platform is told we have, the standby has too
         if not answer:
             return web.Response(text="success", content_type="text/plain")
         reply = reply_xml(message, answer)

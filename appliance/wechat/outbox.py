@@ -129,6 +129,7 @@ class Outbox:
             return
         self.results[0] += 1
         await self.store.run(_sent, row["id"], time.time())
+        await self.store.reached_peer()  # a standby that takes over must not push it again
 
 
 # ---- store functions, run on the store's thread ----

@@ -1,0 +1,303 @@
+"""`r1box ha run`: one box of a hot-standby pair. It runs keepalived, the replica sshd and, while this box holds the
+virtual address, `r1box serve` with litestream carrying the store to the peer. The box's `r1box model` runs apart
+(its own unit) on both boxes, so the standby's model is loaded and warm when it takes over.
+
+keepalived decides who is active; this node follows the state lines it writes:
+- MASTER: take over. The newest copy of the store this box holds (its own, or the peer's last replicated one,
+  whichever has the higher takeover epoch) becomes the store, a takeover row is added, litestream starts carrying it
+  to the peer, and serve starts: pending questions, the outbox, dialog memory and the platform's de-duplication keys
+  come with the store.
+- BACKUP, FAULT, STOP: serve and litestream stop; the box follows the peer's copy as its own store every
+  [ha] resync_s, so it never serves from a store older than what it received.
+Health: keepalived asks every second (appliance/ha/keepalived.py); the box is healthy while its model answers, or
+has been down for less than MODEL_GRACE_S (systemd restarts a crashed model well within it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from appliance.config import Config
+from appliance.errors import HaError
+from appliance.ha import keepalived, replication
+from appliance.ha.pairing import PairFiles, sshd_command, sshd_config
+from appliance.ops.health import probe
+from appliance.store.database import lock_file, open_database
+
+log = logging.getLogger(__name__)
+
+MODEL_GRACE_S = 30.0  # the fault plan: a crashed model is restarted within 30 s, else the peer takes over
+SERVE_RESTARTS = 3  # in RESTART_WINDOW_S, then the box gives the address up
+RESTART_WINDOW_S = 60.0
+
+
+def state_dir(config: Config) -> Path:
+    return Path(config.ha.state_dir).expanduser() if config.ha.state_dir else config.store.file.parent / "ha"
+
+
+def read_role(config: Config) -> dict:
+    """What the node last wrote of itself ({"role": "standby", ...}); {"role": "off"} when no node runs here."""
+    try:
+        return json.loads((state_dir(config) / "role.json").read_text())
+    except (OSError, ValueError):
+        return {"role": "off"}
+
+
+class Node:
+    def __init__(self, config: Config, config_file: Path):
+        self.config, self.config_file, self.ha = config, config_file, config.ha
+        self.db = config.store.file
+        self.state = state_dir(config)
+        self.files = PairFiles.of(self.ha, self.db)
+        self.role, self.epoch, self.since = "starting", replication.epoch_of(self.db), time.time()
+        self.takeovers: list[dict] = []
+        self.keepalived: subprocess.Popen | None = None
+        self.sshd: subprocess.Popen | None = None
+        self.serve: subprocess.Popen | None = None
+        self.litestream: subprocess.Popen | None = None
+        self.serve_starts: list[float] = []
+        self.model_down_since: float | None = None
+        self.replica_seen: tuple | None = None
+        self.states: asyncio.Queue[str] = asyncio.Queue()
+        self.copy = replication.ReplicaBarrier(self._socket, self.db, self.ha.sync_timeout_s)
+        self.replicated_at: float | None = None  # when the peer last confirmed it had the store's copy
+
+    async def run(self) -> None:
+        self.files.check()
+        self.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.state, 0o700)
+        replication.replica_root(self.ha, self.db).mkdir(parents=True, exist_ok=True, mode=0o700)
+        conf = keepalived.write(self.ha, self.state, self.files.auth_pass())
+        self.sshd = _spawn(sshd_command(sshd_config(self.ha, self.state, self.files)), "sshd")
+        await self._check_health()
+        fifo = keepalived.fifo(self.state)
+        fifo.unlink(missing_ok=True)
+        self.keepalived = _spawn(keepalived.command(self.state), "keepalived")
+        log.info("ha node %s: keepalived (%s) for %s with peer %s, priority %d", self.name, conf,
+                 self.ha.virtual_address, self.ha.peer, self.ha.priority)
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=self._read_fifo, args=(fifo, loop), daemon=True, name="r1box-ha-fifo").start()
+        self._write_role()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.copy.start()
+        tasks = [asyncio.create_task(self._follow_states()), asyncio.create_task(self._watch())]
+        await stop.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._step_down("stopped")
+        await self.copy.close()
+        for process in (self.keepalived, self.sshd):
+            _stop(process)
+
+    @property
+    def name(self) -> str:
+        return self.ha.node or socket.gethostname()
+
+    def _read_fifo(self, fifo: Path, loop: asyncio.AbstractEventLoop) -> None:
+        while not fifo.exists():
+            if self.keepalived.poll() is not None:
+                loop.call_soon_threadsafe(self.states.put_nowait, "EXITED")
+                return
+            time.sleep(0.05)
+        with open(fifo) as lines:
+            for line in lines:
+                state = keepalived.parse(line)
+                if state:
+                    loop.call_soon_threadsafe(self.states.put_nowait, state)
+
+    async def _follow_states(self) -> None:
+        while True:
+            state = await self.states.get()
+            log.info("ha node %s: keepalived says %s", self.name, state)
+            if state == "MASTER":
+                await self._take_over()
+            elif state == "EXITED":
+                raise HaError("keepalived exited at start; its output above says why (its configuration is "
+                              f"{self.state / 'keepalived.conf'})")
+            else:
+                await self._step_down({"BACKUP": "standby", "FAULT": "fault", "STOP": "stopped"}[state])
+
+    async def _take_over(self) -> None:
+        if self.role == "active":
+            return
+        started = time.monotonic()
+        source, epoch = await asyncio.to_thread(self._newest_store)
+        self.epoch = epoch + 1
+        await asyncio.to_thread(self._record_takeover, source)
+        _write(self.state / "litestream.yml", replication.render(
+            self.db, self.ha, self.epoch, self._socket, self.files.key, self.files.host_public()), 0o600)
+        replication.forget_position(self.db)  # a new epoch's copy starts from a whole snapshot
+        self._socket.unlink(missing_ok=True)
+        self.litestream = _spawn([replication.litestream_binary(), "replicate", "-config",
+                                  str(self.state / "litestream.yml")], "litestream")
+        for _ in range(100):  # serve's first acknowledgement already waits for the peer's copy
+            if self._socket.exists() or self.litestream.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        self._start_serve()
+        took = time.monotonic() - started
+        self.takeovers.append({"at": time.time(), "epoch": self.epoch, "source": source, "took_s": round(took, 2)})
+        self._set_role("active")
+        log.info("ha node %s: active at epoch %d, the store from %s, in %.1f s", self.name, self.epoch, source, took)
+
+    def _newest_store(self) -> tuple[str, int]:
+        """The newer of this box's store and the peer's last copy becomes the store; its source and epoch."""
+        own = replication.epoch_of(self.db)
+        found = replication.newest(replication.replica_root(self.ha, self.db))
+        if found:
+            restored = self.db.with_name(self.db.name + ".restoring")
+            if replication.restore(found[1], restored):
+                theirs = replication.epoch_of(restored)
+                if theirs >= own:  # equal: ours is an earlier copy of the same epoch
+                    replication.move_aside(self.db)
+                    replication.replace(self.db, restored)
+                    return "peer", theirs
+                restored.unlink(missing_ok=True)
+        return ("own" if self.db.exists() else "new"), own
+
+    def _record_takeover(self, source: str) -> None:
+        db = open_database(self.db)
+        try:
+            db["ha_takeovers"].insert({"epoch": self.epoch, "node": self.name, "source": source, "at": time.time()})
+        finally:
+            db.conn.close()
+
+    async def _step_down(self, role: str) -> None:
+        if self.serve or self.litestream:
+            await asyncio.to_thread(_stop, self.serve, 20)
+            await asyncio.to_thread(_stop, self.litestream, 10)  # litestream syncs once more as it stops
+            self.serve = self.litestream = None
+        self._set_role(role)
+
+    def _start_serve(self) -> None:
+        now = time.monotonic()
+        self.serve_starts = [t for t in self.serve_starts if now - t < RESTART_WINDOW_S] + [now]
+        self.serve = _spawn([sys.executable, "-m", "appliance.cli", "serve", "--config", str(self.config_file)],
+                            "serve")
+
+    async def _watch(self) -> None:
+        """Health for keepalived, a serve that died restarted (then given up), the active's copy to the peer
+        checked (which also wakes litestream's reconnection, whose backoff grows to minutes), the standby's store
+        kept fresh."""
+        last_resync = last_sync = 0.0
+        while True:
+            await self._check_health()
+            if self.role == "active" and time.monotonic() - last_sync >= self.ha.resync_s:
+                last_sync = time.monotonic()
+                if await self.copy.reached_peer():
+                    self.replicated_at = time.time()
+                    self._write_role()
+            if self.role == "active" and self.serve and self.serve.poll() is not None:
+                log.error("ha node %s: serve exited with %s", self.name, self.serve.returncode)
+                if len(self.serve_starts) < SERVE_RESTARTS:
+                    self._start_serve()
+            if self.role in ("standby", "fault") and time.monotonic() - last_resync >= self.ha.resync_s:
+                last_resync = time.monotonic()
+                try:
+                    await asyncio.to_thread(self._resync)
+                except HaError as e:
+                    log.warning("ha node %s: %s", self.name, e)
+            await asyncio.sleep(self.ha.health_every_s)
+
+    async def _check_health(self) -> None:
+        answer = await asyncio.to_thread(probe, self.config.model_server.own_url, 2.0)
+        now = time.monotonic()
+        self.model_down_since = None if answer else (self.model_down_since or now)
+        model_ok = answer is not None or now - self.model_down_since < MODEL_GRACE_S
+        serve_ok = self.role != "active" or self.serve is None or self.serve.poll() is None \
+            or len(self.serve_starts) < SERVE_RESTARTS
+        healthy = keepalived.health_file(self.state)
+        if model_ok and serve_ok:
+            healthy.touch()
+        elif healthy.exists():
+            healthy.unlink()
+            log.error("ha node %s: unhealthy (%s); keepalived hands the address to the peer", self.name,
+                      "the model has not answered for %.0f s" % (now - self.model_down_since) if not model_ok
+                      else f"serve exited {SERVE_RESTARTS} times in {RESTART_WINDOW_S:.0f} s")
+
+    def _resync(self) -> None:
+        """The standby's store becomes the peer's newest copy, when that has changed (and nobody holds the store:
+        a backup or a command running here skips one round)."""
+        found = replication.newest(replication.replica_root(self.ha, self.db))
+        if not found:
+            return
+        seen = (found[0], max((p.stat().st_mtime_ns for p in found[1].rglob("*") if p.is_file()), default=0))
+        if seen == self.replica_seen:
+            return
+        fd = os.open(lock_file(self.db), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            restored = self.db.with_name(self.db.name + ".restoring")
+            if not replication.restore(found[1], restored):
+                return
+            theirs, own = replication.epoch_of(restored), replication.epoch_of(self.db)
+            if theirs >= own:
+                if theirs > own:  # this box's own history ends here: kept beside, never deleted
+                    replication.move_aside(self.db)
+                replication.replace(self.db, restored)
+                self.epoch = replication.epoch_of(self.db)
+                self.replica_seen = seen
+                self._write_role()
+        finally:
+            os.close(fd)
+
+    @property
+    def _socket(self) -> Path:
+        return self.state / "litestream.sock"
+
+    def _set_role(self, role: str) -> None:
+        if role != self.role:
+            self.role, self.since = role, time.time()
+        self._write_role()
+
+    def _write_role(self) -> None:
+        _write(self.state / "role.json", json.dumps({
+            "role": self.role, "node": self.name, "since": self.since, "epoch": self.epoch,
+            "virtual_address": self.ha.virtual_address, "peer": self.ha.peer,
+            "last_takeover": self.takeovers[-1] if self.takeovers else None, "replicated_at": self.replicated_at,
+            "pid": os.getpid(),
+        }), 0o644)
+
+
+def _spawn(argv: list[str], name: str) -> subprocess.Popen:
+    log.info("starting %s: %s", name, " ".join(argv[:3]))
+    try:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise HaError(f"{argv[0]} is not installed; `just ha-tools` (or apt-get install keepalived "
+                      "openssh-server arping) installs what a pair needs.") from None
+
+
+def _stop(process: subprocess.Popen | None, wait_s: float = 10) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _write(path: Path, text: str, mode: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.chmod(mode)
+    os.replace(tmp, path)
