@@ -3,6 +3,8 @@ customer-service sends, with scripted errors. Used by the push-delivery tests.""
 
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
 
@@ -11,6 +13,7 @@ class FakeWeChatApi:
         self.tokens_issued = 0
         self.current = ""
         self.sent: list[dict] = []
+        self.last_sent_at = 0.0  # time.monotonic() of the last send taken
         self.send_errors: list[int] = []  # errcodes the next sends answer with, in order
         self.app = web.Application()
         self.app.router.add_post("/cgi-bin/stable_token", self._token)
@@ -41,4 +44,5 @@ class FakeWeChatApi:
                 self.current = "revoked"
             return web.json_response({"errcode": code, "errmsg": f"scripted {code}"})
         self.sent.append(await request.json())
+        self.last_sent_at = time.monotonic()
         return web.json_response({"errcode": 0, "errmsg": "ok"})

@@ -18,6 +18,14 @@ def test_characters_xml_cannot_carry_are_dropped():
     assert ET.fromstring(f"<xml><Content>{text}</Content></xml>").find("Content").text == text
 
 
+def test_carriage_returns_become_the_newlines_an_xml_reader_would_make_of_them():
+    import xml.etree.ElementTree as ET
+
+    text = plain_text("第一行 \r\n第二行\r第三行")
+    assert text == "第一行 \n第二行\n第三行"
+    assert ET.fromstring(f"<xml><Content>{text}</Content></xml>").find("Content").text == text
+
+
 def test_plain_text_is_left_alone():
     text = "利率为 2*3 的结果，a_b_c 不变。"
     assert plain_text(text) == text

@@ -22,7 +22,8 @@ _SENTENCE_END = re.compile(r"(?<=[。！？!?；;\n])|(?<=[.](?=\s))")
 
 
 def plain_text(markdown: str) -> str:
-    text = _NOT_XML.sub("", markdown)
+    # an XML reader turns \r\n and \r into \n: said so here, the answer kept is the answer the user reads
+    text = _NOT_XML.sub("", markdown.replace("\r\n", "\n").replace("\r", "\n"))
     text = _FENCE.sub("", text)
     text = _HEADING.sub("", text)
     text = _RULE.sub("", text)

@@ -141,18 +141,19 @@ class Node:
         _write(self.state / "litestream.yml", replication.render(
             self.db, self.ha, self.epoch, self._socket, self.files.key, self.files.host_public()), 0o600)
         replication.forget_position(self.db)  # a new epoch's copy starts from a whole snapshot
-        self._socket.unlink(missing_ok=True)
-        self.litestream = _spawn([replication.litestream_binary(), "replicate", "-config",
-                                  str(self.state / "litestream.yml")], "litestream")
-        for _ in range(100):  # serve's first acknowledgement already waits for the peer's copy
-            if self._socket.exists() or self.litestream.poll() is not None:
-                break
-            await asyncio.sleep(0.05)
+        # litestream is up in well under a second when the peer is there, before serve's first acknowledgement;
+        # when the peer is dead it hangs dialling it, and serve must not wait for that
+        self.litestream = self._start_litestream()
         self._start_serve()
         took = time.monotonic() - started
         self.takeovers.append({"at": time.time(), "epoch": self.epoch, "source": source, "took_s": round(took, 2)})
         self._set_role("active")
         log.info("ha node %s: active at epoch %d, the store from %s, in %.1f s", self.name, self.epoch, source, took)
+
+    def _start_litestream(self) -> subprocess.Popen:
+        self._socket.unlink(missing_ok=True)
+        return _spawn([replication.litestream_binary(), "replicate", "-config", str(self.state / "litestream.yml")],
+                      "litestream")
 
     def _newest_store(self) -> tuple[str, int]:
         """The newer of this box's store and the peer's last copy becomes the store; its source and epoch."""
@@ -198,6 +199,11 @@ class Node:
             await self._check_health()
             if self.role == "active" and time.monotonic() - last_sync >= self.ha.resync_s:
                 last_sync = time.monotonic()
+                if self.litestream and self.litestream.poll() is not None:
+                    # it exits when it cannot reach the peer at start (a takeover from a dead box)
+                    log.warning("ha node %s: litestream exited with %s; starting it again", self.name,
+                                self.litestream.returncode)
+                    self.litestream = self._start_litestream()
                 if await self.copy.reached_peer():
                     self.replicated_at = time.time()
                     self._write_role()
