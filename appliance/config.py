@@ -346,6 +346,8 @@ class HaConfig:
     sync_timeout_s: float = 2.0  # an acknowledgement to the platform waits this long for the peer's copy
     resync_s: float = 5.0  # the standby takes the peer's newest copy as its own store this often
     health_every_s: float = 1.0  # the node's health check (model, service), which keepalived follows
+    status_port: int = 8090  # the node's own state on [ha] address, read by the peer (role, health; no secrets)
+    degraded_grace_s: float = 10.0  # a degraded model (its GPU failed) hands the address to a healthy peer after
 
     def __post_init__(self):
         if not 1 <= self.router_id <= 255 or not 1 <= self.priority <= 254:

@@ -4,6 +4,8 @@ office's router, where the tests' fake WeChat API listens), each running `r1box 
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import os
 import shutil
@@ -16,6 +18,16 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
+import pytest
+
+from appliance.wechat.envelope import Account
+from appliance.wechat.sim import Platform, text_message
+from tests.fake_wechat_api import FakeWeChatApi
+
+APP_ID = "wx-ha"
+KEY = base64.b64encode(bytes(range(40, 72))).decode().rstrip("=")
+PLATFORM = Platform(Account("mp", APP_ID, "ha-token", KEY), "safe")
 SECRETS = {"R1BOX_WECHAT_TOKEN": "ha-token", "R1BOX_WECHAT_ENCODING_AES_KEY": "",
            "R1BOX_WECHAT_APP_SECRET": "ha-secret"}
 
@@ -224,3 +236,86 @@ def until(condition, seconds: float, every: float = 0.1) -> float | None:
             return time.monotonic() - start
         time.sleep(every)
     return None
+
+
+@pytest.fixture(scope="module")
+def artifact():
+    from export.artifacts import cached_artifact
+
+    return cached_artifact("qwen2.5-coder-0.5b-instruct")
+
+
+@pytest.fixture
+async def pair(tmp_path, artifact, aiohttp_server):
+    """Two boxes configured and paired, nothing started; the platform's fake API on the router as .api."""
+    pair = Pair(tmp_path, artifact, APP_ID, KEY).build()
+    try:
+        pair.api = FakeWeChatApi()
+        pair.api.server = await aiohttp_server(pair.api.app, host=pair.router)
+        pair.configure(pair.api.server.port)
+        yield pair
+    finally:
+        pair.tear_down()
+
+
+async def started(pair: Pair) -> None:
+    """Both boxes up: a active and serving at the address, b standby with its model loaded."""
+    a, b = pair.boxes
+    for box in (a, b):
+        pair.start(box)
+    assert await asyncio.to_thread(until, lambda: a.role()["role"] == "active" and pair.serve_health(), 240, 0.5), \
+        pair.logs()
+    assert await asyncio.to_thread(until, lambda: b.role()["role"] == "standby" and b.model_healthy(), 240, 0.5), \
+        pair.logs()
+
+
+class Users:
+    """The platform's side of a conversation with the pair: messages delivered as the platform does (up to three
+    tries, each waiting 5 s for a reply, the next 5 s after), and what each user got back, passively or pushed."""
+
+    def __init__(self, pair: Pair, session: aiohttp.ClientSession):
+        self.pair, self.session = pair, session
+        self.url = f"http://{pair.vip}:8080/wechat"
+        self.taken: dict[str, int] = {}  # user: the try that was taken, 0 when none was (lost at the platform)
+        self.passive: dict[str, str] = {}
+        self.failed: list[str] = []  # each try that was not taken, and why
+        self._ids = 7000
+
+    async def ask(self, user: str, text: str) -> int:
+        self._ids += 1
+        msg_id = self._ids
+        for attempt in range(1, 4):
+            request = PLATFORM.message(text_message(APP_ID, user, text, msg_id))
+            try:
+                async with self.session.post(f"{self.url}?{request.query}", data=request.body,
+                                             timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                    body = await resp.text()
+                    if resp.status == 200:
+                        reply = PLATFORM.read_reply(body)
+                        if reply:
+                            self.passive[user] = reply
+                        self.taken[user] = attempt
+                        return attempt
+                    self.failed.append(f"{user} try {attempt}: {resp.status} {body[:100]}")
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                self.failed.append(f"{user} try {attempt}: {e!r}")
+            await asyncio.sleep(5)
+        self.taken[user] = 0
+        return 0
+
+    def answers(self, user: str) -> list[str]:
+        pushed = [s["text"]["content"] for s in self.pair.api.sent if s["touser"] == user]
+        return ([self.passive[user]] if user in self.passive else []) + pushed
+
+    async def all_answered(self, seconds: float) -> bool:
+        """Every user whose message was taken has an answer (then 3 s more, for a wrong second push to show)."""
+        def done():
+            return all(self.answers(u) for u, t in self.taken.items() if t)
+        ok = await asyncio.to_thread(until, done, seconds, 0.5)
+        await asyncio.sleep(3)
+        return ok is not None
+
+    def tally(self) -> dict:
+        counts = [len(self.answers(u)) for u in self.taken]
+        return {"sent": len(self.taken), "answered": sum(c >= 1 for c in counts),
+                "lost": sum(c == 0 for c in counts), "twice": sum(c > 1 for c in counts)}

@@ -26,7 +26,10 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
+
+from aiohttp import web
 
 from appliance.config import Config
 from appliance.errors import HaError
@@ -68,6 +71,8 @@ class Node:
         self.litestream: subprocess.Popen | None = None
         self.serve_starts: list[float] = []
         self.model_down_since: float | None = None
+        self.degraded_since: float | None = None
+        self.degraded, self.healthy = False, True
         self.replica_seen: tuple | None = None
         self.states: asyncio.Queue[str] = asyncio.Queue()
         self.copy = replication.ReplicaBarrier(self._socket, self.db, self.ha.sync_timeout_s)
@@ -93,6 +98,7 @@ class Node:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await self.copy.start()
+        status = await self._serve_status()
         tasks = [asyncio.create_task(self._follow_states()), asyncio.create_task(self._watch())]
         await stop.wait()
         for task in tasks:
@@ -100,6 +106,7 @@ class Node:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._step_down("stopped")
         await self.copy.close()
+        await status.cleanup()
         for process in (self.keepalived, self.sshd):
             _stop(process)
 
@@ -220,20 +227,32 @@ class Node:
             await asyncio.sleep(self.ha.health_every_s)
 
     async def _check_health(self) -> None:
+        """Healthy while the model answers (or has been down less than MODEL_GRACE_S) and serve runs; a degraded
+        model (its GPU failed, answers from the CPU) hands over only to a peer that says it is healthy and not
+        degraded itself, after degraded_grace_s: a slow answer beats none."""
         answer = await asyncio.to_thread(probe, self.config.model_server.own_url, 2.0)
         now = time.monotonic()
         self.model_down_since = None if answer else (self.model_down_since or now)
-        model_ok = answer is not None or now - self.model_down_since < MODEL_GRACE_S
-        serve_ok = self.role != "active" or self.serve is None or self.serve.poll() is None \
-            or len(self.serve_starts) < SERVE_RESTARTS
+        degraded = bool(answer) and answer.get("status") == "degraded"
+        self.degraded_since = (self.degraded_since or now) if degraded else None
+        self.degraded = degraded
+        problem = None
+        if answer is None and now - self.model_down_since >= MODEL_GRACE_S:
+            problem = f"the model has not answered for {now - self.model_down_since:.0f} s"
+        elif self.role == "active" and self.serve and self.serve.poll() is not None \
+                and len(self.serve_starts) >= SERVE_RESTARTS:
+            problem = f"serve exited {SERVE_RESTARTS} times in {RESTART_WINDOW_S:.0f} s"
+        elif degraded and now - self.degraded_since >= self.ha.degraded_grace_s:
+            peer = await asyncio.to_thread(_peer_status, self.ha)
+            if peer and peer.get("healthy") and not peer.get("degraded"):
+                problem = f"the model is degraded ({answer.get('fallback_reason')}) and the peer is healthy"
         healthy = keepalived.health_file(self.state)
-        if model_ok and serve_ok:
+        self.healthy = problem is None
+        if self.healthy:
             healthy.touch()
         elif healthy.exists():
             healthy.unlink()
-            log.error("ha node %s: unhealthy (%s); keepalived hands the address to the peer", self.name,
-                      "the model has not answered for %.0f s" % (now - self.model_down_since) if not model_ok
-                      else f"serve exited {SERVE_RESTARTS} times in {RESTART_WINDOW_S:.0f} s")
+            log.error("ha node %s: unhealthy: %s; keepalived hands the address to the peer", self.name, problem)
 
     def _resync(self) -> None:
         """The standby's store becomes the peer's newest copy, when that has changed (and nobody holds the store:
@@ -264,6 +283,19 @@ class Node:
         finally:
             os.close(fd)
 
+    async def _serve_status(self) -> web.AppRunner:
+        """GET /ha on [ha] address and status_port: what the peer asks before it hands its address over."""
+        async def status(request: web.Request) -> web.Response:
+            return web.json_response({"node": self.name, "role": self.role, "healthy": self.healthy,
+                                      "degraded": self.degraded, "epoch": self.epoch})
+
+        app = web.Application()
+        app.router.add_get("/ha", status)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, self.ha.address, self.ha.status_port).start()
+        return runner
+
     @property
     def _socket(self) -> Path:
         return self.state / "litestream.sock"
@@ -280,6 +312,14 @@ class Node:
             "last_takeover": self.takeovers[-1] if self.takeovers else None, "replicated_at": self.replicated_at,
             "pid": os.getpid(),
         }), 0o644)
+
+
+def _peer_status(ha) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://{ha.peer}:{ha.status_port}/ha", timeout=2) as resp:
+            return json.load(resp)
+    except (OSError, ValueError):
+        return None
 
 
 def _spawn(argv: list[str], name: str) -> subprocess.Popen:

@@ -10,6 +10,7 @@ the outbox live on in `r1box serve`; systemd restarts this one and serve asks ag
 from __future__ import annotations
 
 import asyncio
+import signal
 import logging
 from pathlib import Path
 
@@ -70,12 +71,23 @@ async def _chat_ctx(app: web.Application):
     chat = await asyncio.get_running_loop().run_in_executor(None, open_chat, config.model, config.engine,
                                                             app[METRICS])
     app[CHAT] = chat
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR2, _inject_provider_failure, chat.engine)
     app[METRICS].watch(EngineCollector(chat.engine))
     gpu = GpuCollector.create()
     if gpu:
         app[METRICS].watch(gpu)
     yield
+    loop.remove_signal_handler(signal.SIGUSR2)
     await asyncio.get_running_loop().run_in_executor(None, chat.engine.stop)
+
+
+def _inject_provider_failure(engine) -> None:
+    """SIGUSR2, for the fault drills on a box without a GPU: the state a failed GPU leaves (the provider counted as
+    failed, /healthz degraded), without the GPU. The answers go on, from the CPU."""
+    engine.fallbacks += 1
+    engine.fallback_reason = "provider failure injected with SIGUSR2 (a fault drill)"
+    log.warning("the execution provider is marked failed (SIGUSR2, a fault drill): /healthz says degraded")
 
 
 async def _metrics(request: web.Request) -> web.Response:
