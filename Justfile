@@ -17,9 +17,10 @@ chat *ARGS: install
 test *ARGS: install promtool chromium image-tools ha-tools
     {{python}} -m pytest -m "not drill" {{ARGS}}
 
-# the fault drills of many minutes: an update of the booted image kept, then a broken one rolled back (about 20
-# minutes under emulation)
-drill *ARGS: install image-tools
+# the fault drills of many minutes, each printing what it measured: the hot-standby pair's fault plan (a table,
+# also in drill-results/ha.json; `just drill tests/test_ha_drills.py` for it alone, about 10 minutes), and an
+# update of the booted image kept, then a broken one rolled back (about 20 minutes under emulation)
+drill *ARGS: install image-tools ha-tools
     {{python}} -m pytest -m drill -s {{ARGS}}
 
 # what a hot-standby pair runs beside r1box, from Debian: keepalived, sshd (the store's copy arrives through it),

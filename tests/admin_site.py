@@ -76,7 +76,10 @@ async def site(tmp_path, aiohttp_server) -> Site:
     words.write_text("违禁词\n", encoding="utf-8")
     config_path = tmp_path / "r1box.toml"
     config_path.write_text(f'[dialog]\nword_lists = ["{words}"]\n[store]\npath = "{tmp_path / "r1box.db"}"\n'
-                           '[admin]\nutc_offset_hours = 0\n')
+                           '[admin]\nutc_offset_hours = 0\n'
+                           # one box of a pair: the backends page shows the pair as its node wrote it
+                           '[ha]\nenabled = true\naddress = "10.0.0.1"\npeer = "10.0.0.2"\n'
+                           'virtual_address = "10.0.0.50/24"\n')
     config = load_config(config_path)
     store = Store(config.store.file)
     store.open()

@@ -192,8 +192,11 @@ resync_s = 2.0
                 shutil.copy2(path, target)
 
     def start(self, box: Box) -> None:
-        box.run("model", "model", env=self.env)
+        self.start_model(box)
         box.run("ha", "ha", "run", env=self.env)
+
+    def start_model(self, box: Box) -> None:
+        box.run("model", "model", env=self.env)
 
     def serve_health(self, timeout: float = 2.0) -> dict | None:
         try:

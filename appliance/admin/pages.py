@@ -18,6 +18,7 @@ from appliance.admin import analytics, auth
 from appliance.admin.server import LIMITER, MAIN, metrics_of, need, record, render
 from appliance.app_keys import BACKENDS, CONFIG, STORE, WECHAT
 from appliance.dialog import answer_cache
+from appliance.ha.node import read_role
 from appliance.store.conversations import messages, users
 
 routes = web.RouteTableDef()
@@ -128,7 +129,20 @@ async def backends_page(request: web.Request) -> web.Response:
     backends = main.get(BACKENDS) if main is not None else None
     wechat = main.get(WECHAT) if main is not None else None
     states = [{**s, "last_error_when": _when(s["last_error_at"])} for s in (backends.states() if backends else [])]
-    return render(request, "backends.html", backends=states, waiting=wechat.dialog.waiting if wechat else 0)
+    return render(request, "backends.html", backends=states, waiting=wechat.dialog.waiting if wechat else 0,
+                  pair=_pair(request.app[CONFIG]))
+
+
+def _pair(config) -> dict | None:
+    """This box of a hot-standby pair, as its node last wrote itself (appliance/ha/node.py)."""
+    if not config.ha.enabled:
+        return None
+    role = read_role(config)
+    last = role.get("last_takeover") or {}
+    replicated = role.get("replicated_at")
+    return {**role, "peer": config.ha.peer, "virtual_address": config.ha.virtual_address,
+            "since_when": _when(role.get("since")), "last_takeover_when": _when(last.get("at")),
+            "last_takeover": last, "lag_s": round(time.time() - replicated, 1) if replicated else None}
 
 
 def _word_files(request: web.Request) -> list[Path]:
