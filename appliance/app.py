@@ -38,18 +38,16 @@ log = logging.getLogger(__name__)
 
 
 async def _store_ctx(app: web.Application):
-    config_all = app[CONFIG]
-    config = config_all.store
-    store = Store(config.file, config.keys)
+    config = app[CONFIG]
+    store = Store(config.store.file, config.store.keys)
     await asyncio.get_running_loop().run_in_executor(None, store.open)
     app[STORE] = store
-    if config_all.ha.enabled:  # one box of a pair: acknowledgements wait for the peer's copy
-        store.replica = ReplicaBarrier(state_dir(config_all) / "litestream.sock", store.path,
-                                       config_all.ha.sync_timeout_s)
+    if config.ha.enabled:  # one box of a pair: acknowledgements wait for the peer's copy
+        store.replica = ReplicaBarrier(state_dir(config) / "litestream.sock", store.path, config.ha.sync_timeout_s)
         await store.replica.start()
-        app[METRICS].watch(HaCollector(lambda: read_role(config_all), store.replica))
-    retention = asyncio.create_task(run_retention(store, config.conversation_days, config.audit_days,
-                                                  config.retention_interval_h))
+        app[METRICS].watch(HaCollector(lambda: read_role(config), store.replica))
+    retention = asyncio.create_task(run_retention(store, config.store.conversation_days, config.store.audit_days,
+                                                  config.store.retention_interval_h))
     yield
     retention.cancel()
     await asyncio.gather(retention, return_exceptions=True)

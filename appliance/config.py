@@ -352,8 +352,10 @@ class HaConfig:
     def __post_init__(self):
         if not 1 <= self.router_id <= 255 or not 1 <= self.priority <= 254:
             raise ValueError("router_id must be between 1 and 255, priority between 1 and 254")
-        if min(self.advert_s, self.sync_timeout_s, self.resync_s, self.health_every_s) <= 0:
-            raise ValueError("advert_s, sync_timeout_s, resync_s and health_every_s must be positive")
+        if min(self.advert_s, self.sync_timeout_s, self.resync_s, self.health_every_s) <= 0 \
+                or self.degraded_grace_s < 0:
+            raise ValueError("advert_s, sync_timeout_s, resync_s and health_every_s must be positive, "
+                             "degraded_grace_s not negative")
         if self.enabled:
             for key in ("address", "peer", "virtual_address"):
                 if not getattr(self, key):

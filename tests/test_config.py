@@ -32,6 +32,11 @@ def test_defaults_and_overrides(tmp_path):
     ("[server]\napi_keys = [\"in-the-file\"]\n", "unknown key 'api_keys'"),
     ("[server]\ntls = true\n", "tls must be a str"),
     ("[server]\ntls = \"tls1.2\"\n", 'tls must be "auto", "on" or "off"'),
+    ("[ha]\nenabled = true\n", "[ha]: address is required when enabled"),
+    ("[ha]\nenabled = true\naddress = \"10.0.0.1\"\npeer = \"box-b\"\nvirtual_address = \"10.0.0.50/24\"\n",
+     "address, peer and virtual_address must be addresses"),
+    ("[ha]\nenabled = true\naddress = \"10.0.0.1\"\npeer = \"10.0.0.2\"\nvirtual_address = \"10.0.0.50\"\n",
+     "virtual_address needs its prefix length"),
 ])
 def test_mistakes_are_named(tmp_path, text, fragment):
     with pytest.raises(ConfigError, match=None) as err:

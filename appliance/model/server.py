@@ -10,8 +10,8 @@ the outbox live on in `r1box serve`; systemd restarts this one and serve asks ag
 from __future__ import annotations
 
 import asyncio
-import signal
 import logging
+import signal
 from pathlib import Path
 
 from aiohttp import web
