@@ -70,16 +70,21 @@ class Box:
 
     def kill_all(self) -> None:
         """The whole box dies: every process of its namespace, and its link (a dead box answers no ARP)."""
-        pids = ip("netns", "pids", self.ns, check=False).stdout.split()
-        for pid in pids:
+        self.kill_processes()
+        ip("-n", self.ns, "link", "set", "eth0", "down")
+
+    def kill_processes(self) -> None:
+        for pid in ip("netns", "pids", self.ns, check=False).stdout.split():
             try:
                 os.kill(int(pid), signal.SIGKILL)
             except ProcessLookupError:
                 pass
         for process in self.processes.values():
-            process.wait(timeout=30)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
         self.processes.clear()
-        ip("-n", self.ns, "link", "set", "eth0", "down")
 
     def model_healthy(self) -> bool:
         ask = "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8081/healthz', timeout=2)"
@@ -207,17 +212,7 @@ resync_s = 2.0
 
     def tear_down(self) -> None:
         for box in self.boxes:
-            pids = ip("netns", "pids", box.ns, check=False).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            for process in box.processes.values():
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    pass
+            box.kill_processes()
             ip("netns", "del", box.ns, check=False)
             ip("link", "del", f"{box.ns}h", check=False)
         ip("link", "del", self.bridge, check=False)

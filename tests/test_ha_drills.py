@@ -80,125 +80,125 @@ async def traffic(users: Users, name: str, count: int, every_s: float) -> None:
     await asyncio.gather(*asks)
 
 
-async def test_drill_model_killed_is_restarted(pair):
-    a, _ = pair.boxes
+async def drill(pair, name: str, count: int, every_s: float, lead_s: float, fault) -> tuple[Users, tuple]:
+    """A pair serving, `count` users writing one every `every_s`, `fault()` run `lead_s` into it; what the fault
+    measured, once every user whose message was taken has an answer."""
     await started(pair)
     async with aiohttp.ClientSession() as session:
         users = Users(pair, session)
-        load = asyncio.create_task(traffic(users, "model-kill", 8, 1.0))
-        await asyncio.sleep(2)
+        load = asyncio.create_task(traffic(users, name, count, every_s))
+        await asyncio.sleep(lead_s)
+        measured = await fault()
+        await load
+        assert await users.all_answered(600), pair.logs()
+    return users, measured
+
+
+async def waited(condition, seconds: float, every: float = 0.1) -> float | None:
+    return await asyncio.to_thread(until, condition, seconds, every)
+
+
+async def test_drill_model_killed_is_restarted(pair):
+    a, _ = pair.boxes
+
+    async def fault():
         kill_model(a)
         killed = time.monotonic()
-        detected = await asyncio.to_thread(until, lambda: backend_state(pair) == "down", 30, 0.1)
+        detected = await waited(lambda: backend_state(pair) == "down", 30)
         await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - killed)))  # RestartSec=1
         pair.start_model(a)
-        up = await asyncio.to_thread(until, lambda: backend_state(pair) == "up", 120, 0.2)
-        recovered = None if up is None else time.monotonic() - killed
-        await load
-        assert await users.all_answered(300), pair.logs()
+        up = await waited(lambda: backend_state(pair) == "up", 120, 0.2)
+        return detected, None if up is None else time.monotonic() - killed
+
+    users, (detected, recovered) = await drill(pair, "model-kill", 8, 1.0, 2.0, fault)
     record("model process killed", detected, recovered, "restart < 30 s", recovered is not None and recovered < 30,
            users, "same box, the address stays")
 
 
 async def test_drill_model_crash_loop_fails_over(pair):
     a, b = pair.boxes
-    await started(pair)
-    async with aiohttp.ClientSession() as session:
-        users = Users(pair, session)
-        load = asyncio.create_task(traffic(users, "crash-loop", 10, 3.0))
+
+    async def fault():
         first = time.monotonic()
         for restart in range(4):  # the fourth crash finds systemd's start limit (3 restarts in 30 s)
-            await asyncio.to_thread(until, lambda: a.model_healthy(), 120, 0.2)
+            await waited(a.model_healthy, 120, 0.2)
             kill_model(a)
             if restart < 3:
                 await asyncio.sleep(1.0)
                 pair.start_model(a)
-        detected = await asyncio.to_thread(until, lambda: a.role()["role"] == "fault", 120, 0.2)
-        detected = None if detected is None else time.monotonic() - first
-        served = await asyncio.to_thread(until, lambda: b.role()["role"] == "active" and pair.serve_health(),
-                                         120, 0.2)
-        recovered = None if served is None else time.monotonic() - first
-        await load
-        assert await users.all_answered(300), pair.logs()
+        fault_at = await waited(lambda: a.role()["role"] == "fault", 120, 0.2)
+        detected = None if fault_at is None else time.monotonic() - first
+        served = await waited(lambda: b.role()["role"] == "active" and pair.serve_health(), 120, 0.2)
+        return detected, None if served is None else time.monotonic() - first
+
+    users, (detected, recovered) = await drill(pair, "crash-loop", 10, 3.0, 0.0, fault)
     record("model crash loop", detected, recovered, "3 restarts, then peer", recovered is not None, users,
            "4 crashes, timed from the first; the peer took over")
 
 
 async def test_drill_active_box_killed(pair):
     a, b = pair.boxes
-    await started(pair)
-    async with aiohttp.ClientSession() as session:
-        users = Users(pair, session)
-        load = asyncio.create_task(traffic(users, "box-kill", 10, 1.0))
-        await asyncio.sleep(4)
+
+    async def fault():
         a.kill_all()
         killed = time.monotonic()
-        detected = await asyncio.to_thread(until, lambda: b.holds(pair.vip), 60, 0.05)
-        served = await asyncio.to_thread(until, lambda: pair.serve_health() is not None, 60, 0.1)
-        recovered = None if served is None else time.monotonic() - killed
-        await load
-        assert await users.all_answered(300), pair.logs()
+        detected = await waited(lambda: b.holds(pair.vip), 60, 0.05)
+        served = await waited(lambda: pair.serve_health() is not None, 60)
+        return detected, None if served is None else time.monotonic() - killed
+
+    users, (detected, recovered) = await drill(pair, "box-kill", 10, 1.0, 4.0, fault)
     record("active box killed", detected, recovered, "failover < 30 s", recovered is not None and recovered < 30,
            users)
 
 
 async def test_drill_gpu_fault_moves_the_address(pair):
     a, b = pair.boxes
-    await started(pair)
-    async with aiohttp.ClientSession() as session:
-        users = Users(pair, session)
-        load = asyncio.create_task(traffic(users, "gpu-fault", 10, 2.0))
-        await asyncio.sleep(2)
+
+    async def fault():
         a.processes["model"].send_signal(signal.SIGUSR2)  # the provider failure, injected (appliance/model/server.py)
         injected = time.monotonic()
-        detected = await asyncio.to_thread(until, lambda: a.role()["role"] == "fault", 300, 0.2)
-        served = await asyncio.to_thread(until, lambda: b.role()["role"] == "active" and pair.serve_health(),
-                                         300, 0.2)
-        recovered = None if served is None else time.monotonic() - injected
-        await load
-        assert await users.all_answered(300), pair.logs()
+        detected = await waited(lambda: a.role()["role"] == "fault", 300, 0.2)
+        served = await waited(lambda: b.role()["role"] == "active" and pair.serve_health(), 300, 0.2)
+        return detected, None if served is None else time.monotonic() - injected
+
+    users, (detected, recovered) = await drill(pair, "gpu-fault", 10, 2.0, 2.0, fault)
     record("GPU fault (injected)", detected, recovered, "failover < 5 min", recovered is not None and recovered < 300,
            users, "degraded, handed to the healthy peer")
 
 
 async def test_drill_link_between_the_boxes_cut(pair):
     a, b = pair.boxes
-    await started(pair)
-    async with aiohttp.ClientSession() as session:
-        users = Users(pair, session)
-        load = asyncio.create_task(traffic(users, "link-cut", 8, 2.0))
-        await asyncio.sleep(1)
+
+    async def fault():
         cut(a, b, on=True)
-        detected = await asyncio.to_thread(until, lambda: b.role()["role"] == "fault", 30, 0.1)
-        split = await asyncio.to_thread(until, lambda: b.holds(pair.vip), 20, 0.05)
+        detected = await waited(lambda: b.role()["role"] == "fault", 30)
+        split = await waited(lambda: b.holds(pair.vip), 20, 0.05)
         cut(a, b, on=False)
-        back = await asyncio.to_thread(until, lambda: b.role()["role"] == "standby", 30, 0.1)
-        await load
-        assert await users.all_answered(300), pair.logs()
-    record("link between boxes cut", detected, 0.0 if split is None else None, "no split brain",
-           split is None and back is not None and a.holds(pair.vip), users,
+        back = await waited(lambda: b.role()["role"] == "standby", 30)
+        return detected, split is None and back is not None and a.holds(pair.vip)
+
+    users, (detected, one_holder) = await drill(pair, "link-cut", 8, 2.0, 1.0, fault)
+    record("link between boxes cut", detected, 0.0 if one_holder else None, "no split brain", one_holder, users,
            "b fenced itself; a kept the address")
 
 
 async def test_drill_wechat_api_cut_for_two_minutes(pair):
     a, _ = pair.boxes
-    await started(pair)
     rule = (f"add table inet r1api\nadd chain inet r1api out {{ type filter hook output priority 0; }}\n"
             f"add rule inet r1api out ip daddr {pair.router} tcp dport {pair.api.server.port} drop\n")
-    async with aiohttp.ClientSession() as session:
-        users = Users(pair, session)
-        subprocess.run(["ip", "netns", "exec", a.ns, "nft", "-f", "-"], input=rule, text=True, check=True)
+    nft = ["ip", "netns", "exec", a.ns, "nft"]
+
+    async def fault():
+        subprocess.run([*nft, "-f", "-"], input=rule, text=True, check=True)
         cut_at = time.monotonic()
-        load = asyncio.create_task(traffic(users, "api-cut", 10, 6.0))
-        detected = await asyncio.to_thread(until, lambda: _outbox_failing(a), 90, 0.5)
+        detected = await waited(lambda: _outbox_failing(a), 90, 0.5)
         await asyncio.sleep(max(0.0, 120 - (time.monotonic() - cut_at)))
-        subprocess.run(["ip", "netns", "exec", a.ns, "nft", "delete", "table", "inet", "r1api"], check=True)
-        back = time.monotonic()
-        await load
-        assert await users.all_answered(600), pair.logs()
-        recovered = time.monotonic() - back
-    record("WeChat API cut 2 min", detected, recovered, "held, sent on return", True, users,
-           "answers waited in the outbox")
+        subprocess.run([*nft, "delete", "table", "inet", "r1api"], check=True)
+        return detected, time.monotonic()
+
+    users, (detected, back) = await drill(pair, "api-cut", 10, 6.0, 0.0, fault)
+    record("WeChat API cut 2 min", detected, time.monotonic() - back, "held, sent on return", True, users,
+           "answers waited in the outbox; recovered: the last one out after the cut ended")
 
 
 def _outbox_failing(box) -> bool:

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 MODEL_GRACE_S = 30.0  # the fault plan: a crashed model is restarted within 30 s, else the peer takes over
 SERVE_RESTARTS = 3  # in RESTART_WINDOW_S, then the box gives the address up
+FAILED_S = 30.0  # a takeover that failed: the box stays out this long, then may try again
 RESTART_WINDOW_S = 60.0
 
 
@@ -75,6 +76,10 @@ class Node:
         self.degraded, self.healthy = False, True
         self.replica_seen: tuple | None = None
         self.states: asyncio.Queue[str] = asyncio.Queue()
+        self.store_lock = asyncio.Lock()
+        self.stop = asyncio.Event()
+        self.fatal = ""  # why the node stops by itself (systemd starts it again)
+        self.failed: tuple[float, str] | None = None  # when and why the last takeover failed
         self.copy = replication.ReplicaBarrier(self._socket, self.db, self.ha.sync_timeout_s)
         self.replicated_at: float | None = None  # when the peer last confirmed it had the store's copy
 
@@ -94,13 +99,12 @@ class Node:
         loop = asyncio.get_running_loop()
         threading.Thread(target=self._read_fifo, args=(fifo, loop), daemon=True, name="r1box-ha-fifo").start()
         self._write_role()
-        stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, self.stop.set)
         await self.copy.start()
         status = await self._serve_status()
         tasks = [asyncio.create_task(self._follow_states()), asyncio.create_task(self._watch())]
-        await stop.wait()
+        await self.stop.wait()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -109,6 +113,8 @@ class Node:
         await status.cleanup()
         for process in (self.keepalived, self.sshd):
             _stop(process)
+        if self.fatal:
+            raise HaError(self.fatal)
 
     @property
     def name(self) -> str:
@@ -130,13 +136,22 @@ class Node:
         while True:
             state = await self.states.get()
             log.info("ha node %s: keepalived says %s", self.name, state)
-            if state == "MASTER":
-                await self._take_over()
-            elif state == "EXITED":
-                raise HaError("keepalived exited at start; its output above says why (its configuration is "
+            if state == "EXITED":
+                self.fatal = ("keepalived exited at start; its output above says why (its configuration is "
                               f"{self.state / 'keepalived.conf'})")
-            else:
-                await self._step_down({"BACKUP": "standby", "FAULT": "fault", "STOP": "stopped"}[state])
+                self.stop.set()
+                return
+            try:
+                async with self.store_lock:  # a resync never swaps the store under a takeover
+                    if state == "MASTER":
+                        await self._take_over()
+                    else:
+                        await self._step_down({"BACKUP": "standby", "FAULT": "fault", "STOP": "stopped"}[state])
+            except Exception as e:  # never a silent end: give the address up, try again after FAILED_S
+                log.exception("ha node %s: %s failed (%s); giving the address up for %.0f s", self.name,
+                              "the takeover" if state == "MASTER" else "stepping down", e, FAILED_S)
+                self.failed = (time.monotonic(), str(e))
+                await self._step_down("fault")
 
     async def _take_over(self) -> None:
         if self.role == "active":
@@ -203,28 +218,35 @@ class Node:
         kept fresh."""
         last_resync = last_sync = 0.0
         while True:
-            await self._check_health()
-            if self.role == "active" and time.monotonic() - last_sync >= self.ha.resync_s:
-                last_sync = time.monotonic()
-                if self.litestream and self.litestream.poll() is not None:
-                    # it exits when it cannot reach the peer at start (a takeover from a dead box)
-                    log.warning("ha node %s: litestream exited with %s; starting it again", self.name,
-                                self.litestream.returncode)
-                    self.litestream = self._start_litestream()
-                if await self.copy.reached_peer():
-                    self.replicated_at = time.time()
-                    self._write_role()
-            if self.role == "active" and self.serve and self.serve.poll() is not None:
-                log.error("ha node %s: serve exited with %s", self.name, self.serve.returncode)
-                if len(self.serve_starts) < SERVE_RESTARTS:
-                    self._start_serve()
-            if self.role in ("standby", "fault") and time.monotonic() - last_resync >= self.ha.resync_s:
-                last_resync = time.monotonic()
-                try:
-                    await asyncio.to_thread(self._resync)
-                except HaError as e:
-                    log.warning("ha node %s: %s", self.name, e)
+            try:
+                await self._check_health()
+                if self.role == "active" and time.monotonic() - last_sync >= self.ha.resync_s:
+                    last_sync = time.monotonic()
+                    await self._check_copy()
+                if self.role == "active" and self.serve and self.serve.poll() is not None:
+                    log.error("ha node %s: serve exited with %s", self.name, self.serve.returncode)
+                    if len(self.serve_starts) < SERVE_RESTARTS:
+                        self._start_serve()
+                if self.role in ("standby", "fault") and time.monotonic() - last_resync >= self.ha.resync_s:
+                    last_resync = time.monotonic()
+                    async with self.store_lock:
+                        if self.role != "active":
+                            await asyncio.to_thread(self._resync)
+            except HaError as e:  # a copy that will not restore yet (its first snapshot on the way)
+                log.warning("ha node %s: %s", self.name, e)
+            except Exception:  # a round that failed is logged; the next one runs
+                log.exception("ha node %s: a health round failed", self.name)
             await asyncio.sleep(self.ha.health_every_s)
+
+    async def _check_copy(self) -> None:
+        if self.litestream and self.litestream.poll() is not None:
+            # it exits when it cannot reach the peer at start (a takeover from a dead box)
+            log.warning("ha node %s: litestream exited with %s; starting it again", self.name,
+                        self.litestream.returncode)
+            self.litestream = self._start_litestream()
+        if await self.copy.reached_peer():
+            self.replicated_at = time.time()
+            self._write_role()
 
     async def _check_health(self) -> None:
         """Healthy while the model answers (or has been down less than MODEL_GRACE_S) and serve runs; a degraded
@@ -237,7 +259,9 @@ class Node:
         self.degraded_since = (self.degraded_since or now) if degraded else None
         self.degraded = degraded
         problem = None
-        if answer is None and now - self.model_down_since >= MODEL_GRACE_S:
+        if self.failed and now - self.failed[0] < FAILED_S:
+            problem = f"the takeover failed ({self.failed[1]})"
+        elif answer is None and now - self.model_down_since >= MODEL_GRACE_S:
             problem = f"the model has not answered for {now - self.model_down_since:.0f} s"
         elif self.role == "active" and self.serve and self.serve.poll() is not None \
                 and len(self.serve_starts) >= SERVE_RESTARTS:
