@@ -257,10 +257,12 @@ async def pair(tmp_path, artifact, aiohttp_server):
 
 
 async def started(pair: Pair) -> None:
-    """Both boxes up: a active and serving at the address, b standby with its model loaded."""
+    """Both boxes up: a active and serving at the address, b standby with its model loaded. a starts first: two
+    boxes started together elect the higher priority only when neither is more than a fraction of a second ahead."""
     a, b = pair.boxes
-    for box in (a, b):
-        pair.start(box)
+    pair.start(a)
+    assert await asyncio.to_thread(until, lambda: a.role()["role"] == "active", 240, 0.2), pair.logs()
+    pair.start(b)
     assert await asyncio.to_thread(until, lambda: a.role()["role"] == "active" and pair.serve_health(), 240, 0.5), \
         pair.logs()
     assert await asyncio.to_thread(until, lambda: b.role()["role"] == "standby" and b.model_healthy(), 240, 0.5), \

@@ -89,30 +89,32 @@ class Node:
         os.chmod(self.state, 0o700)
         replication.replica_root(self.ha, self.db).mkdir(parents=True, exist_ok=True, mode=0o700)
         conf = keepalived.write(self.ha, self.state, self.files.auth_pass())
-        self.sshd = _spawn(sshd_command(sshd_config(self.ha, self.state, self.files)), "sshd")
-        await self._check_health()
-        fifo = keepalived.fifo(self.state)
-        fifo.unlink(missing_ok=True)
-        self.keepalived = _spawn(keepalived.command(self.state), "keepalived")
-        log.info("ha node %s: keepalived (%s) for %s with peer %s, priority %d", self.name, conf,
-                 self.ha.virtual_address, self.ha.peer, self.ha.priority)
-        loop = asyncio.get_running_loop()
-        threading.Thread(target=self._read_fifo, args=(fifo, loop), daemon=True, name="r1box-ha-fifo").start()
-        self._write_role()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop.set)
-        await self.copy.start()
-        status = await self._serve_status()
-        tasks = [asyncio.create_task(self._follow_states()), asyncio.create_task(self._watch())]
-        await self.stop.wait()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self._step_down("stopped")
-        await self.copy.close()
-        await status.cleanup()
-        for process in (self.keepalived, self.sshd):
-            _stop(process)
+        try:
+            self.sshd = _spawn(sshd_command(sshd_config(self.ha, self.state, self.files)), "sshd")
+            await self._check_health()
+            fifo = keepalived.fifo(self.state)
+            fifo.unlink(missing_ok=True)
+            self.keepalived = _spawn(keepalived.command(self.state), "keepalived")
+            log.info("ha node %s: keepalived (%s) for %s with peer %s, priority %d", self.name, conf,
+                     self.ha.virtual_address, self.ha.peer, self.ha.priority)
+            loop = asyncio.get_running_loop()
+            threading.Thread(target=self._read_fifo, args=(fifo, loop), daemon=True, name="r1box-ha-fifo").start()
+            self._write_role()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop.set)
+            await self.copy.start()
+            status = await self._serve_status()
+            tasks = [asyncio.create_task(self._follow_states()), asyncio.create_task(self._watch())]
+            await self.stop.wait()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await status.cleanup()
+        finally:
+            await self._step_down("stopped")
+            await self.copy.close()
+            for process in (self.keepalived, self.sshd):
+                _stop(process)
         if self.fatal:
             raise HaError(self.fatal)
 
