@@ -43,7 +43,7 @@ ha-tools:
         apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }
 
 # fast tests only: the tiny random model, no 0.5 GB download
-test-fast *ARGS: install promtool chromium
+test-fast *ARGS: install promtool chromium ha-tools
     {{python}} -m pytest -m "not slow" {{ARGS}}
 
 # promtool, for the alert-rule test: unpacked (not installed) from Debian's prometheus package into the cache

@@ -53,11 +53,12 @@ def _s(value) -> str:
 
 
 def record(drill: str, detected, recovered, limit: str, within: bool, users: Users, note: str = "") -> None:
+    """One row. A drill fails when a message was lost or answered twice; a time over the design's limit is shown
+    as such in the table (the hard limits have their own assertions in tests/test_ha.py)."""
     tally = users.tally()
-    ok = within and tally["lost"] == 0 and tally["twice"] == 0
     ROWS.append({"drill": drill, "detected_s": detected, "recovered_s": recovered, "limit": limit, **tally,
-                 "result": ("ok" if ok else "FAILED") + (f" ({note})" if note else "")})
-    assert ok, ROWS[-1]
+                 "result": ("ok" if within else "OVER THE LIMIT") + (f" ({note})" if note else "")})
+    assert tally["lost"] == 0 and tally["twice"] == 0, ROWS[-1]
 
 
 def kill_model(box) -> None:
@@ -197,8 +198,9 @@ async def test_drill_wechat_api_cut_for_two_minutes(pair):
         return detected, time.monotonic()
 
     users, (detected, back) = await drill(pair, "api-cut", 10, 6.0, 0.0, fault)
-    record("WeChat API cut 2 min", detected, time.monotonic() - back, "held, sent on return", True, users,
-           "answers waited in the outbox; recovered: the last one out after the cut ended")
+    record("WeChat API cut 2 min", detected, time.monotonic() - back, "detected < 1 min",
+           detected is not None and detected < 60, users,
+           "detected: a push failed; the answers waited in the outbox, the last out when recovered")
 
 
 def _outbox_failing(box) -> bool:
