@@ -188,6 +188,33 @@ async def test_concurrent_callers_share_one_token_refresh(tmp_path, api):
     store.close()
 
 
+async def test_a_failed_token_fetch_fails_its_waiters_at_once(tmp_path):
+    """A cut network: the platform's API takes connections and never answers. Ten callers waiting for a token make
+    one attempt between them, not ten timeouts in a row."""
+    import aiohttp
+
+    from appliance.wechat.client import ApiError, Credentials, TokenManager, WeChatClient
+
+    attempts = []
+
+    async def silent(reader, writer):
+        attempts.append(1)
+        await reader.read()  # until the client gives up
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = Store(tmp_path / "t.db")
+    store.open()
+    async with aiohttp.ClientSession() as session:
+        manager = TokenManager(WeChatClient(session, f"http://127.0.0.1:{port}", timeout_s=0.5),
+                               Credentials("mp", "wx", "secret"), store)
+        results = await asyncio.gather(*(manager.token() for _ in range(10)), return_exceptions=True)
+    assert all(isinstance(r, ApiError) for r in results) and len(attempts) == 1
+    server.close()
+    store.close()
+
+
 def test_short_lived_stable_tokens_are_refreshed_early():
     from appliance.wechat.client import _refresh_at
 

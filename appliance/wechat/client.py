@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_ERRORS = {40001, 40014, 42001}  # invalid, not latest, or expired: refresh once and retry
 REFRESH_MARGIN_S = 300
+FAILED_FETCH_S = 5.0  # a token fetch that failed answers its waiters with the same error for this long
 
 
 class ApiError(R1boxError):
@@ -82,6 +83,9 @@ class TokenManager:
         self._refresh_at = 0.0
         self._lock = asyncio.Lock()
         self.refreshes = 0
+        # with the network cut, every waiter fetching again would queue one timeout after another (a minute for a
+        # handful of answers) before anyone notices
+        self._failed: tuple[float, ApiError] | None = None
 
     async def token(self, stale: str | None = None) -> str:
         """The current token. `stale` is one the platform just refused: a new one is fetched unless another caller
@@ -93,7 +97,14 @@ class TokenManager:
                 if saved:
                     self._token, self._refresh_at = saved[0], _refresh_at(now, saved[1] - now)
             if self._token is None or self._token == stale or now >= self._refresh_at:
-                token, expires_in = await self.client.fetch_token(self.creds)
+                if self._failed and time.monotonic() - self._failed[0] < FAILED_FETCH_S:
+                    raise self._failed[1]
+                try:
+                    token, expires_in = await self.client.fetch_token(self.creds)
+                except ApiError as e:
+                    self._failed = (time.monotonic(), e)
+                    raise
+                self._failed = None
                 self._token, self._refresh_at = token, _refresh_at(now, expires_in)
                 self.refreshes += 1
                 await self.store.run(_save_token, self.creds.app_id, token, now + expires_in)
