@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 
 MODEL_GRACE_S = 30.0  # the fault plan: a crashed model is restarted within 30 s, else the peer takes over
 SERVE_RESTARTS = 3  # in RESTART_WINDOW_S, then the box gives the address up
-FAILED_S = 30.0  # a takeover that failed: the box stays out this long, then may try again
 RESTART_WINDOW_S = 60.0
+FAILED_S = 30.0  # a takeover that failed: the box stays out this long, then may try again
 
 
 def state_dir(config: Config) -> Path:
