@@ -51,7 +51,7 @@ def _walk(url: str, shots: Path) -> dict:
             button = driver.find_element(By.ID, button_id)
             button.click()
             wait = WebDriverWait(driver, 20)
-            wait.until(appears.staleness_of(button))
+            wait.until(lambda d: _gone(button))
             return wait.until(appears.presence_of_element_located((By.CSS_SELECTOR, then_css))).text
 
         driver.get(url + "/login")
@@ -166,6 +166,18 @@ def seed_release(db, vault) -> int:
     return release.id
 
 
+def _gone(element) -> bool:
+    """The element's page was replaced. Chrome says so as a stale reference, or, caught mid-navigation, as an
+    inspector error ("Node with given id does not belong to the document")."""
+    from selenium.common.exceptions import WebDriverException
+
+    try:
+        element.is_enabled()
+    except WebDriverException:  # StaleElementReferenceException is one
+        return True
+    return False
+
+
 def _walk_release(url: str, shots: Path) -> dict:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as appears
@@ -178,7 +190,7 @@ def _walk_release(url: str, shots: Path) -> dict:
             button = driver.find_element(By.ID, button_id)
             button.click()
             wait = WebDriverWait(driver, 20)
-            wait.until(appears.staleness_of(button))
+            wait.until(lambda d: _gone(button))
             wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
             return wait.until(appears.presence_of_element_located((By.ID, "notice"))).text
 
