@@ -269,6 +269,12 @@ async def started(pair: Pair) -> None:
         pair.logs()
 
 
+def platform_session() -> aiohttp.ClientSession:
+    """The platform's HTTP client: a new connection for every delivery. A kept-alive one would outlive a failover
+    and be reset by the box that took the address over, a failure no retry of the platform's would meet."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+
+
 class Users:
     """The platform's side of a conversation with the pair: messages delivered as the platform does (up to three
     tries, each waiting 5 s for a reply, the next 5 s after), and what each user got back, passively or pushed."""

@@ -9,10 +9,9 @@ import os
 import shutil
 import time
 
-import aiohttp
 import pytest
 
-from tests.ha_pair import Users, artifact, ip, pair, started, until  # noqa: F401 (fixtures)
+from tests.ha_pair import Users, artifact, ip, pair, platform_session, started, until  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and keepalived need root"),
@@ -24,7 +23,7 @@ WAITING = 20
 async def test_the_standby_takes_over_a_killed_box_and_every_user_gets_one_answer(pair):
     a, b = pair.boxes
     await started(pair)
-    async with aiohttp.ClientSession() as session:
+    async with platform_session() as session:
         users = Users(pair, session)
         tries = await asyncio.gather(*(users.ask(f"ha-user-{i:02d}", f"请用一句话说说数字{i}。")
                                        for i in range(WAITING)))

@@ -15,10 +15,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import aiohttp
 import pytest
 
-from tests.ha_pair import Users, artifact, pair, started, until  # noqa: F401 (fixtures)
+from tests.ha_pair import Users, artifact, pair, platform_session, started, until  # noqa: F401 (fixtures)
 from tests.test_ha import cut
 
 pytestmark = [pytest.mark.slow, pytest.mark.drill,
@@ -85,7 +84,7 @@ async def drill(pair, name: str, count: int, every_s: float, lead_s: float, faul
     """A pair serving, `count` users writing one every `every_s`, `fault()` run `lead_s` into it; what the fault
     measured, once every user whose message was taken has an answer."""
     await started(pair)
-    async with aiohttp.ClientSession() as session:
+    async with platform_session() as session:
         users = Users(pair, session)
         load = asyncio.create_task(traffic(users, name, count, every_s))
         await asyncio.sleep(lead_s)
