@@ -1,6 +1,7 @@
 """The one configuration path: a TOML file, then command-line flags, into frozen dataclasses. Every section's
-dataclass lives here and this module imports no model runtime, so reading the configuration stays cheap (the health
-check reads it every few seconds).
+dataclass lives here, but for those a feature owns ([release] and [ha], in their folders' settings.py), and no module
+of the path imports a model runtime, so reading the configuration stays cheap (the health check reads it every few
+seconds).
 
 The environment carries only secrets and paths (R1BOX_API_KEYS, R1BOX_CACHE). An unknown key, a wrong type or a
 bad value is refused with the key's name, so a typo never silently falls back to a default.
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.errors import ConfigError
+from appliance.ha.settings import HaConfig
+from appliance.release.settings import ReleaseConfig
 
 
 def is_loopback(host: str | None) -> bool:
@@ -281,92 +284,6 @@ class StoreConfig:
     @property
     def keys(self) -> Path:
         return Path(self.key_file).expanduser() if self.key_file else self.file.with_suffix(".keys")
-
-
-@dataclass(frozen=True)
-class ReleaseConfig:
-    """Gray release of a candidate model (appliance/release/): shares, the promotion rule, the candidate's limits."""
-
-    shadow_share: float = 0.05  # of conversations also answered by the candidate, never sent
-    ab_share: float = 0.10  # of users who get the candidate's answers in A/B
-    auto: bool = True  # act on the rule; False: only propose (pages and audit log), a person decides
-    evaluate_every_s: float = 300.0
-    min_samples: int = 200  # served answers of each variant before a promotion
-    shadow_min_samples: int = 50  # shadow answers before A/B
-    min_accuracy_gain: float = 0.02  # on the evaluation set, as a fraction of its items
-    min_p99_drop: float = 0.15
-    min_error_drop: float = 0.5
-    alpha: float = 0.05  # each one-sided test's level (appliance/release/rule.py)
-    candidate_max_concurrent: int = 1  # the candidate's questions in flight; shadow work beyond it is dropped
-    idle_wait_s: float = 30.0  # a shadow question waits this long for an idle box, then is dropped
-    candidate_port: int = 8082  # where the candidate's own `r1box model` listens (an artifact's, on loopback)
-    candidate_nice: int = 10  # its CPU priority below the serving model's
-    eval_items: int = 0  # items of the evaluation set a release scores each variant on; 0: all
-    eval_max_tokens: int = 256
-    eval_sets: tuple[str, ...] = ()  # the branch's own items (JSONL), beside the shipped set
-    eval_profile: str = ""  # the branch's own fact sheet; then only eval_sets are scored (the shipped items are
-    # about the shipped fictional branch)
-
-    def __post_init__(self):
-        if not (0 <= self.shadow_share <= 1 and 0 <= self.ab_share <= 1):
-            raise ValueError("shadow_share and ab_share must be between 0 and 1")
-        if not 0 < self.alpha < 0.5:
-            raise ValueError("alpha must be between 0 and 0.5")
-        if min(self.min_samples, self.shadow_min_samples, self.candidate_max_concurrent, self.eval_max_tokens) < 1 \
-                or self.evaluate_every_s <= 0 or self.idle_wait_s < 0 or self.eval_items < 0:
-            raise ValueError("min_samples, shadow_min_samples, candidate_max_concurrent and eval_max_tokens ≥ 1, "
-                             "evaluate_every_s > 0, idle_wait_s and eval_items ≥ 0")
-        if not 0 <= self.candidate_nice <= 19:
-            raise ValueError("candidate_nice must be between 0 and 19")
-        if not (-1 <= self.min_accuracy_gain <= 1 and self.min_p99_drop < 1 and self.min_error_drop <= 1):
-            raise ValueError("min_accuracy_gain between -1 and 1, min_p99_drop below 1, min_error_drop at most 1 "
-                             "(fractions: 0.02 is 2 %)")
-
-
-@dataclass(frozen=True)
-class HaConfig:
-    """Hot standby of two boxes (appliance/ha/): keepalived moves the virtual address, litestream carries the store
-    to the peer. The same section on both boxes but for address, peer and priority."""
-
-    enabled: bool = False
-    node: str = ""  # this box's name in logs, pages and the store's takeover records; empty: the host name
-    interface: str = "eth0"  # the LAN interface that carries the virtual address
-    address: str = ""  # this box's own address on it (VRRP's unicast source)
-    peer: str = ""  # the other box's address
-    virtual_address: str = ""  # with its prefix (192.168.1.50/24): where the office's router sends WeChat callbacks
-    router_id: int = 51  # VRRP's virtual router id: the same on both boxes, unique on the LAN
-    priority: int = 100  # the higher takes the address when both start; an address is never taken back
-    advert_s: float = 1.0  # VRRP advertisements; the peer is declared dead after about 3 of them
-    state_dir: str = ""  # runtime files (keepalived's, litestream's, the role); empty: ha/ beside the database
-    replica_dir: str = ""  # where the peer's litestream writes its store to this box; empty: replica/ beside it
-    peer_replica_dir: str = ""  # the peer's replica_dir, where this box writes; empty: the same as this box's
-    ssh_port: int = 22  # the peer's sshd, which litestream's sftp replica writes through
-    ssh_user: str = "r1box"
-    ssh_key: str = ""  # the pair's private key (made once by `r1box ha pair`); empty: r1box-ha.key beside the db
-    sync_timeout_s: float = 2.0  # an acknowledgement to the platform waits this long for the peer's copy
-    resync_s: float = 5.0  # the standby takes the peer's newest copy as its own store this often
-    health_every_s: float = 1.0  # the node's health check (model, service), which keepalived follows
-    status_port: int = 8090  # the node's own state on [ha] address, read by the peer (role, health; no secrets)
-    degraded_grace_s: float = 10.0  # a degraded model (its GPU failed) hands the address to a healthy peer after
-
-    def __post_init__(self):
-        if not 1 <= self.router_id <= 255 or not 1 <= self.priority <= 254:
-            raise ValueError("router_id must be between 1 and 255, priority between 1 and 254")
-        if min(self.advert_s, self.sync_timeout_s, self.resync_s, self.health_every_s) <= 0 \
-                or self.degraded_grace_s < 0:
-            raise ValueError("advert_s, sync_timeout_s, resync_s and health_every_s must be positive, "
-                             "degraded_grace_s not negative")
-        if self.enabled:
-            for key in ("address", "peer", "virtual_address"):
-                if not getattr(self, key):
-                    raise ValueError(f"{key} is required when enabled")
-            try:
-                ipaddress.ip_address(self.address), ipaddress.ip_address(self.peer)
-                ipaddress.ip_interface(self.virtual_address)
-            except ValueError as e:
-                raise ValueError(f"address, peer and virtual_address must be addresses ({e})") from None
-            if "/" not in self.virtual_address:
-                raise ValueError("virtual_address needs its prefix length (192.168.1.50/24)")
 
 
 @dataclass(frozen=True)

@@ -147,7 +147,7 @@ async def test_every_page_in_a_real_browser(site, tmp_path):
 
 def seed_release(db, vault) -> int:
     """A release in shadow with answers of both variants and both evaluations, judged by the real rule."""
-    from appliance.config import ReleaseConfig
+    from appliance.release.settings import ReleaseConfig
     from appliance.release import records, rule
 
     release = records.start(db, "candidate-int8", "http://127.0.0.1:8082", "", "/var/lib/r1box/int8", 0.05, 0.1,

@@ -4,7 +4,7 @@ candidate is rolled back, and the tests' exact p-values match their textbook val
 import math
 import random
 
-from appliance.config import ReleaseConfig
+from appliance.release.settings import ReleaseConfig
 from appliance.release.rule import (ADVANCE, PROMOTE, ROLLBACK, WAIT, VariantFigures, accuracy_check,
                                     binomial_tail, decide, error_check, p99_check)
 

@@ -18,7 +18,7 @@ import ipaddress
 import shlex
 from pathlib import Path
 
-from appliance.config import HaConfig
+from appliance.ha.settings import HaConfig
 
 INSTANCE = "r1box"
 

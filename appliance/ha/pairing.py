@@ -15,7 +15,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from appliance.config import HaConfig
+from appliance.ha.settings import HaConfig
 from appliance.errors import HaError
 
 

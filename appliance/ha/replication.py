@@ -21,7 +21,7 @@ from pathlib import Path
 
 import aiohttp
 
-from appliance.config import HaConfig
+from appliance.ha.settings import HaConfig
 from appliance.errors import HaError
 
 log = logging.getLogger(__name__)

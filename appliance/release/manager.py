@@ -29,7 +29,8 @@ import aiohttp
 
 from appliance.backends.client import Backend, Completion
 from appliance.backends.pool import Backends
-from appliance.config import BackendConfig, ReleaseConfig
+from appliance.config import BackendConfig
+from appliance.release.settings import ReleaseConfig
 from appliance.errors import BackendError
 from appliance.ops.metrics import Metrics
 from appliance.release import evaluate, records, rule

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from appliance.config import ReleaseConfig
+from appliance.release.settings import ReleaseConfig
 
 WAIT, ADVANCE, PROMOTE, ROLLBACK = "wait", "advance", "promote", "rollback"
 MIN_LATENCIES = 100  # below this the P99 is the sample's maximum, and a bootstrap of it no evidence either way

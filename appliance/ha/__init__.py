@@ -1,0 +1,1 @@
+"""Hot standby of two boxes: keepalived moves the address, litestream carries the store, the node glues them."""
