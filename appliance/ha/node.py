@@ -181,18 +181,10 @@ class Node:
 
     def _newest_store(self) -> tuple[str, int]:
         """The newer of this box's store and the peer's last copy becomes the store; its source and epoch."""
-        own = replication.epoch_of(self.db)
-        found = replication.newest(replication.replica_root(self.ha, self.db))
-        if found:
-            restored = self.db.with_name(self.db.name + ".restoring")
-            if replication.restore(found[1], restored):
-                theirs = replication.epoch_of(restored)
-                if theirs >= own:  # equal: ours is an earlier copy of the same epoch
-                    replication.move_aside(self.db)
-                    replication.replace(self.db, restored)
-                    return "peer", theirs
-                restored.unlink(missing_ok=True)
-        return ("own" if self.db.exists() else "new"), own
+        theirs = replication.take_newer(replication.replica_root(self.ha, self.db), self.db)
+        if theirs is not None:
+            return "peer", theirs
+        return ("own" if self.db.exists() else "new"), replication.epoch_of(self.db)
 
     def _record_takeover(self, source: str) -> None:
         db = open_database(self.db)
@@ -283,7 +275,8 @@ class Node:
     def _resync(self) -> None:
         """The standby's store becomes the peer's newest copy, when that has changed (and nobody holds the store:
         a backup or a command running here skips one round)."""
-        found = replication.newest(replication.replica_root(self.ha, self.db))
+        root = replication.replica_root(self.ha, self.db)
+        found = replication.newest(root)
         if not found:
             return
         seen = (found[0], max((p.stat().st_mtime_ns for p in found[1].rglob("*") if p.is_file()), default=0))
@@ -295,16 +288,9 @@ class Node:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return
-            restored = self.db.with_name(self.db.name + ".restoring")
-            if not replication.restore(found[1], restored):
-                return
-            theirs, own = replication.epoch_of(restored), replication.epoch_of(self.db)
-            if theirs >= own:
-                if theirs > own:  # this box's own history ends here: kept beside, never deleted
-                    replication.move_aside(self.db)
-                replication.replace(self.db, restored)
-                self.epoch = replication.epoch_of(self.db)
-                self.replica_seen = seen
+            theirs = replication.take_newer(root, self.db)
+            if theirs is not None:
+                self.epoch, self.replica_seen = theirs, seen
                 self._write_role()
         finally:
             os.close(fd)

@@ -98,6 +98,26 @@ def restore(source: Path, out: Path) -> bool:
     return out.exists()
 
 
+def take_newer(root: Path, db: Path) -> int | None:
+    """The peer's newest copy under `root` becomes the store at `db` when it is not older (a higher epoch, or the
+    same one further on); its epoch, or None when there is none or it is older. The store of an older history is
+    kept beside, never deleted."""
+    found = newest(root)
+    if not found:
+        return None
+    restored = db.with_name(db.name + ".restoring")
+    if not restore(found[1], restored):
+        return None
+    theirs, own = epoch_of(restored), epoch_of(db)
+    if theirs < own:
+        restored.unlink(missing_ok=True)
+        return None
+    if theirs > own:
+        move_aside(db)
+    replace(db, restored)
+    return theirs
+
+
 def epoch_of(db: Path) -> int:
     """The store's age: its latest takeover epoch (0: never served by a pair, or no database)."""
     if not db.exists():
