@@ -20,7 +20,7 @@ from appliance.backends.pool import Backends
 from appliance.config import Config
 from appliance.dialog.engine import Dialog
 from appliance.dialog.filter import WordFilter
-from appliance.ha.node import read_role, state_dir
+from appliance.ha.node import litestream_socket, read_role
 from appliance.ha.replication import ReplicaBarrier
 from appliance.ops.logs import request_id_middleware
 from appliance.ops.metrics import BackendCollector, HaCollector, Metrics, WeChatCollector
@@ -43,7 +43,7 @@ async def _store_ctx(app: web.Application):
     await asyncio.get_running_loop().run_in_executor(None, store.open)
     app[STORE] = store
     if config.ha.enabled:  # one box of a pair: acknowledgements wait for the peer's copy
-        store.replica = ReplicaBarrier(state_dir(config) / "litestream.sock", store.path, config.ha.sync_timeout_s)
+        store.replica = ReplicaBarrier(litestream_socket(config), store.path, config.ha.sync_timeout_s)
         await store.replica.start()
         app[METRICS].watch(HaCollector(lambda: read_role(config), store.replica))
     retention = asyncio.create_task(run_retention(store, config.store.conversation_days, config.store.audit_days,

@@ -45,10 +45,11 @@ def box_secrets() -> dict[str, str]:
             "R1BOX_API_KEYS": secrets.token_urlsafe(24)}
 
 
-def box_disk(image: Path, workdir: Path, env: dict[str, str]) -> Path:
-    """A writable copy of the image with the test's config.toml and secrets.env on its CONFIG drive."""
+def box_disk(image: Path, workdir: Path, env: dict[str, str], more_config: str = "") -> Path:
+    """A writable copy of the image with the test's config.toml (and `more_config` after it) and secrets.env on its
+    CONFIG drive."""
     return prepare_disk(image, workdir / "disk.img", {
-        "config.toml": CONFIG, "secrets.env": "".join(f"{k}={v}\n" for k, v in env.items())})
+        "config.toml": CONFIG + more_config, "secrets.env": "".join(f"{k}={v}\n" for k, v in env.items())})
 
 
 LATER = "(success: the answer comes later)"

@@ -65,8 +65,10 @@ ls "$work"/wheels/onnxruntime-*.whl >/dev/null
 
 step "2/6 root tree: Debian bookworm $arch with mmdebstrap (packages cached in $cache/debs-$arch)"
 mkdir -p "$cache/debs-$arch"
+# keepalived, openssh-server, iputils-arping and -ping: a hot-standby pair's (r1box-ha.service, run by [ha] alone)
 packages=(systemd systemd-sysv systemd-resolved systemd-boot udev dbus linux-image-$arch initramfs-tools
-          python3 python3-venv ca-certificates iproute2 kmod e2fsprogs qemu-guest-agent)
+          python3 python3-venv ca-certificates iproute2 kmod e2fsprogs qemu-guest-agent
+          keepalived openssh-server iputils-arping iputils-ping)
 log=$cache/mmdebstrap-$arch.log
 # docs, man pages and translations: nobody reads them on the box
 if ! mmdebstrap --variant=minbase --arch="$arch" --include="$(IFS=,; echo "${packages[*]}")" \

@@ -23,6 +23,10 @@ ln -sf /run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
 mkdir -p "$root/etc/issue.d"  # agetty shows what is here above the login prompt
 ln -sf /run/r1box/issue "$root/etc/issue.d/r1box.issue"
 ln -sfn /var/lib/r1box/logs/journal "$root/var/log/journal"
-in_root systemctl enable systemd-networkd systemd-resolved r1box.service r1box-model.service r1box-health.service >/dev/null 2>&1
-in_root systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service >/dev/null 2>&1
+in_root systemctl enable systemd-networkd systemd-resolved r1box.service r1box-model.service r1box-ha.service \
+    r1box-health.service >/dev/null 2>&1
+# keepalived and the replica sshd run under r1box-ha.service, with their configuration made from [ha]; a login sshd
+# has no place on the box
+in_root systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service \
+    keepalived.service ssh.service ssh.socket >/dev/null 2>&1
 rm -f "$root"/etc/ssh/ssh_host_* "$root/var/lib/dbus/machine-id"

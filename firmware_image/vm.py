@@ -138,8 +138,11 @@ class GuestAgent:
 
 class Vm:
     def __init__(self, disk: Path, workdir: Path, extra_disks: list[Path] = (), memory_mib: int = 2048,
-                 arch: str = "amd64"):
+                 arch: str = "amd64", service_address: str = ""):
+        """service_address: the guest address the service port is forwarded to (a pair's virtual address on
+        QEMU's 10.0.2.0/24); empty: the address DHCP gives the guest."""
         self.disk, self.workdir, self.extra_disks, self.memory_mib = disk, workdir, list(extra_disks), memory_mib
+        self.service_address = service_address
         self.machine = MACHINES[arch]
         self.port = free_port()
         self.serial_log = workdir / "serial.log"
@@ -161,7 +164,8 @@ class Vm:
             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={m.firmware}",
             "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}",
             "-drive", f"if=virtio,format=raw,file={self.disk}",
-            "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.port}-:8080", "-device", "virtio-net-pci,netdev=net0",
+            "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.port}-{self.service_address}:8080",
+            "-device", "virtio-net-pci,netdev=net0",
             "-chardev", f"socket,path={self.agent.path},server=on,wait=off,id=qga0",
             "-device", "virtio-serial", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
             "-serial", f"file:{self.serial_log}", "-display", "none", "-monitor", "none",

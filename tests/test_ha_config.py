@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not shutil.which("keepalived"), reason="`just te
 def config(tmp_path):
     path = tmp_path / "r1box.toml"
     path.write_text(f'[store]\npath = "{tmp_path / "data" / "r1box.db"}"\n'
-                    '[ha]\nenabled = true\nnode = "box-a"\naddress = "192.168.1.11"\npeer = "192.168.1.12"\n'
+                    '[ha]\nenabled = true\nnode = "box-a"\ninterface = "eth0"\naddress = "192.168.1.11"\npeer = "192.168.1.12"\n'
                     'virtual_address = "192.168.1.50/24"\npriority = 150\nssh_port = 2222\n')
     return load_config(path, secrets=False)
 
@@ -35,6 +35,12 @@ def test_keepalived_accepts_its_configuration(config, tmp_path):
     assert keepalived.parse('INSTANCE "r1box" MASTER 150\n') == "MASTER"
     assert keepalived.parse('INSTANCE "other" MASTER 150\n') is None
     assert keepalived.parse('INSTANCE "r1box" MASTER_PRIORITY 40\n') is None
+
+
+def test_an_empty_interface_is_the_one_holding_the_address():
+    # what the node does when [ha] interface is left empty (the image: the LAN port's name is the machine's)
+    assert keepalived.interface_holding("127.0.0.1") == "lo"
+    assert keepalived.interface_holding("192.0.2.77") is None
 
 
 def test_litestream_and_sshd_accept_theirs(config, tmp_path):

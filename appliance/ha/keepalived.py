@@ -15,7 +15,9 @@ under nopreempt):
 from __future__ import annotations
 
 import ipaddress
+import json
 import shlex
+import subprocess
 from pathlib import Path
 
 from appliance.ha.settings import HaConfig
@@ -90,6 +92,15 @@ def write(ha: HaConfig, state: Path, auth_pass: str) -> Path:
     conf.write_text(render(ha, state, auth_pass))
     conf.chmod(0o600)
     return conf
+
+
+def interface_holding(address: str) -> str | None:
+    """The interface that holds `address` now ([ha] interface left empty: the box's LAN port, whatever its name)."""
+    out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True).stdout
+    for link in json.loads(out or "[]"):
+        if any(a.get("local") == address for a in link.get("addr_info", [])):
+            return link["ifname"]
+    return None
 
 
 def command(state: Path) -> list[str]:

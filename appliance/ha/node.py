@@ -10,7 +10,11 @@ keepalived decides who is active; this node follows the state lines it writes:
 - BACKUP, FAULT, STOP: serve and litestream stop; the box follows the peer's copy as its own store every
   [ha] resync_s, so it never serves from a store older than what it received.
 Health: keepalived asks every second (appliance/ha/keepalived.py); the box is healthy while its model answers, or
-has been down for less than MODEL_GRACE_S (systemd restarts a crashed model well within it).
+has been down for less than MODEL_GRACE_S (systemd restarts a crashed model well within it), or is still loading
+after the box started (MODEL_LOAD_S: a slow box takes minutes, and serve keeps what arrives meanwhile).
+
+Run as root (keepalived moves addresses, sshd switches users), the node starts serve and litestream as the owner of
+the store's folder (the image's r1box user), and every store file it restores or writes is handed to that owner.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import fcntl
 import json
 import logging
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -27,6 +32,7 @@ import sys
 import threading
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 from aiohttp import web
@@ -41,13 +47,21 @@ from appliance.store.database import lock_file, open_database
 log = logging.getLogger(__name__)
 
 MODEL_GRACE_S = 30.0  # the fault plan: a crashed model is restarted within 30 s, else the peer takes over
+MODEL_LOAD_S = 600.0  # a model that has not answered since the node started is loading, up to this long
 SERVE_RESTARTS = 3  # in RESTART_WINDOW_S, then the box gives the address up
 RESTART_WINDOW_S = 60.0
 FAILED_S = 30.0  # a takeover that failed: the box stays out this long, then may try again
+ADDRESS_WAIT_S = 120.0  # [ha] interface left empty: how long the node waits for DHCP to give the box its address
 
 
 def state_dir(config: Config) -> Path:
     return Path(config.ha.state_dir).expanduser() if config.ha.state_dir else config.store.file.parent / "ha"
+
+
+def litestream_socket(config: Config) -> Path:
+    """litestream's control socket, which serve's acknowledgements ask; in a folder of the store's owner, who runs
+    both."""
+    return state_dir(config) / "litestream" / "litestream.sock"
 
 
 def read_role(config: Config) -> dict:
@@ -72,6 +86,8 @@ class Node:
         self.litestream: subprocess.Popen | None = None
         self.serve_starts: list[float] = []
         self.model_down_since: float | None = None
+        self.model_answered = False  # since the node started: before that, a silent model is one still loading
+        self.litestream_failing = False
         self.degraded_since: float | None = None
         self.degraded, self.healthy = False, True
         self.replica_seen: tuple | None = None
@@ -80,14 +96,18 @@ class Node:
         self.stop = asyncio.Event()
         self.fatal = ""  # why the node stops by itself (systemd starts it again)
         self.failed: tuple[float, str] | None = None  # when and why the last takeover failed
-        self.copy = replication.ReplicaBarrier(self._socket, self.db, self.ha.sync_timeout_s)
+        self.owner: tuple[int, int] | None = None  # who serve and litestream run as; None: as the node
+        self.copy = replication.ReplicaBarrier(litestream_socket(config), self.db, self.ha.sync_timeout_s)
         self.replicated_at: float | None = None  # when the peer last confirmed it had the store's copy
 
     async def run(self) -> None:
         self.files.check()
-        self.state.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.state, 0o700)
-        replication.replica_root(self.ha, self.db).mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.ha.interface:
+            self.ha = replace(self.ha, interface=await _interface_holding(self.ha.address))
+        # keepalived runs the check script only from a folder nobody else may write; serve may pass (role.json)
+        self.state.mkdir(parents=True, exist_ok=True, mode=0o711)
+        os.chmod(self.state, 0o711)
+        self._prepare_folders()
         conf = keepalived.write(self.ha, self.state, self.files.auth_pass())
         try:
             self.sshd = _spawn(sshd_command(sshd_config(self.ha, self.state, self.files)), "sshd")
@@ -121,6 +141,25 @@ class Node:
     @property
     def name(self) -> str:
         return self.ha.node or socket.gethostname()
+
+    def _prepare_folders(self) -> None:
+        """litestream's folder and the pair's client key belong to the store's owner, who runs litestream; the
+        replica folder to [ha] ssh_user, as whom the peer's litestream writes through this box's sshd."""
+        replica = replication.replica_root(self.ha, self.db)
+        replica.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.owner = _owner_of(self.db.parent)
+        self._litestream_dir.mkdir(exist_ok=True, mode=0o700)
+        if os.geteuid() != 0:
+            return
+        try:
+            writer = pwd.getpwnam(self.ha.ssh_user)
+            os.chown(replica, writer.pw_uid, writer.pw_gid)
+        except KeyError:
+            raise HaError(f"[ha] ssh_user {self.ha.ssh_user!r} is not a user of this box; the peer's litestream "
+                          "logs in as it") from None
+        if self.owner:
+            for path in (self._litestream_dir, self.files.key):
+                os.chown(path, *self.owner)
 
     def _read_fifo(self, fifo: Path, loop: asyncio.AbstractEventLoop) -> None:
         while not fifo.exists():
@@ -162,8 +201,9 @@ class Node:
         source, epoch = await asyncio.to_thread(self._newest_store)
         self.epoch = epoch + 1
         await asyncio.to_thread(self._record_takeover, source)
-        _write(self.state / "litestream.yml", replication.render(
-            self.db, self.ha, self.epoch, self._socket, self.files.key, self.files.host_public()), 0o600)
+        _write(self._litestream_dir / "litestream.yml", replication.render(
+            self.db, self.ha, self.epoch, self._socket, self.files.key, self.files.host_public()), 0o600,
+            self.owner)
         replication.forget_position(self.db)  # a new epoch's copy starts from a whole snapshot
         # litestream is up in well under a second when the peer is there, before serve's first acknowledgement;
         # when the peer is dead it hangs dialling it, and serve must not wait for that
@@ -174,10 +214,10 @@ class Node:
         self._set_role("active")
         log.info("ha node %s: active at epoch %d, the store from %s, in %.1f s", self.name, self.epoch, source, took)
 
-    def _start_litestream(self) -> subprocess.Popen:
+    def _start_litestream(self, quiet: bool = False) -> subprocess.Popen:
         self._socket.unlink(missing_ok=True)
-        return _spawn([replication.litestream_binary(), "replicate", "-config", str(self.state / "litestream.yml")],
-                      "litestream")
+        return _spawn([replication.litestream_binary(), "replicate", "-config",
+                       str(self._litestream_dir / "litestream.yml")], "litestream", self.owner, quiet)
 
     def _newest_store(self) -> tuple[str, int]:
         """The newer of this box's store and the peer's last copy becomes the store; its source and epoch."""
@@ -192,6 +232,15 @@ class Node:
             db["ha_takeovers"].insert({"epoch": self.epoch, "node": self.name, "source": source, "at": time.time()})
         finally:
             db.conn.close()
+        self._hand_store_over()
+
+    def _hand_store_over(self) -> None:
+        """The store's files, restored or written here as root, become its owner's again, so serve opens them."""
+        if not self.owner:
+            return
+        for path in (self.db, lock_file(self.db), *(self.db.with_name(self.db.name + s) for s in ("-wal", "-shm"))):
+            if path.exists():
+                os.chown(path, *self.owner)
 
     async def _step_down(self, role: str) -> None:
         if self.serve or self.litestream:
@@ -204,7 +253,7 @@ class Node:
         now = time.monotonic()
         self.serve_starts = [t for t in self.serve_starts if now - t < RESTART_WINDOW_S] + [now]
         self.serve = _spawn([sys.executable, "-m", "appliance.cli", "serve", "--config", str(self.config_file)],
-                            "serve")
+                            "serve", self.owner)
 
     async def _watch(self) -> None:
         """Health for keepalived, a serve that died restarted (then given up), the active's copy to the peer
@@ -234,11 +283,15 @@ class Node:
 
     async def _check_copy(self) -> None:
         if self.litestream and self.litestream.poll() is not None:
-            # it exits when it cannot reach the peer at start (a takeover from a dead box)
-            log.warning("ha node %s: litestream exited with %s; starting it again", self.name,
-                        self.litestream.returncode)
-            self.litestream = self._start_litestream()
+            # it exits when it cannot reach the peer at start (a takeover from a dead box): said once, then
+            # started again quietly every resync_s until the peer is back
+            if not self.litestream_failing:
+                log.warning("ha node %s: litestream exited with %s; starting it again every %.0f s until the peer "
+                            "answers", self.name, self.litestream.returncode, self.ha.resync_s)
+            self.litestream_failing = True
+            self.litestream = self._start_litestream(quiet=True)
         if await self.copy.reached_peer():
+            self.litestream_failing = False
             self.replicated_at = time.time()
             self._write_role()
 
@@ -249,13 +302,15 @@ class Node:
         answer = await asyncio.to_thread(probe, self.config.model_server.own_url, 2.0)
         now = time.monotonic()
         self.model_down_since = None if answer else (self.model_down_since or now)
+        self.model_answered = self.model_answered or answer is not None
         degraded = bool(answer) and answer.get("status") == "degraded"
         self.degraded_since = (self.degraded_since or now) if degraded else None
         self.degraded = degraded
         problem = None
         if self.failed and now - self.failed[0] < FAILED_S:
             problem = f"the takeover failed ({self.failed[1]})"
-        elif answer is None and now - self.model_down_since >= MODEL_GRACE_S:
+        elif answer is None and now - self.model_down_since >= (MODEL_GRACE_S if self.model_answered
+                                                               else MODEL_LOAD_S):
             problem = f"the model has not answered for {now - self.model_down_since:.0f} s"
         elif self.role == "active" and self.serve and self.serve.poll() is not None \
                 and len(self.serve_starts) >= SERVE_RESTARTS:
@@ -290,6 +345,7 @@ class Node:
                 return
             theirs = replication.take_newer(root, self.db)
             if theirs is not None:
+                self._hand_store_over()
                 self.epoch, self.replica_seen = theirs, seen
                 self._write_role()
         finally:
@@ -310,7 +366,11 @@ class Node:
 
     @property
     def _socket(self) -> Path:
-        return self.state / "litestream.sock"
+        return litestream_socket(self.config)
+
+    @property
+    def _litestream_dir(self) -> Path:
+        return self._socket.parent
 
     def _set_role(self, role: str) -> None:
         if role != self.role:
@@ -334,10 +394,29 @@ def _peer_status(ha) -> dict | None:
         return None
 
 
-def _spawn(argv: list[str], name: str) -> subprocess.Popen:
-    log.info("starting %s: %s", name, " ".join(argv[:3]))
+async def _interface_holding(address: str) -> str:
+    deadline = time.monotonic() + ADDRESS_WAIT_S
+    while (found := await asyncio.to_thread(keepalived.interface_holding, address)) is None:
+        if time.monotonic() > deadline:
+            raise HaError(f"no interface of this box holds [ha] address {address} (waited {ADDRESS_WAIT_S:.0f} s): "
+                          "give the box that address (a DHCP reservation or a static one), or set [ha] interface")
+        await asyncio.sleep(1)
+    log.info("[ha] address %s is on %s", address, found)
+    return found
+
+
+def _owner_of(folder: Path) -> tuple[int, int] | None:
+    """The store folder's owner when the node runs as root and that is somebody else (the image's r1box)."""
+    st = folder.stat()
+    return (st.st_uid, st.st_gid) if os.geteuid() == 0 and st.st_uid != 0 else None
+
+
+def _spawn(argv: list[str], name: str, owner: tuple[int, int] | None = None, quiet: bool = False
+           ) -> subprocess.Popen:
+    log.log(logging.DEBUG if quiet else logging.INFO, "starting %s: %s", name, " ".join(argv[:3]))
+    as_owner = {"user": owner[0], "group": owner[1], "extra_groups": []} if owner else {}
     try:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, **as_owner)
     except FileNotFoundError:
         raise HaError(f"{argv[0]} is not installed; `just ha-tools` (or apt-get install keepalived "
                       "openssh-server arping) installs what a pair needs.") from None
@@ -354,8 +433,10 @@ def _stop(process: subprocess.Popen | None, wait_s: float = 10) -> None:
         process.wait()
 
 
-def _write(path: Path, text: str, mode: int) -> None:
+def _write(path: Path, text: str, mode: int, owner: tuple[int, int] | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.chmod(mode)
+    if owner:
+        os.chown(tmp, *owner)
     os.replace(tmp, path)

@@ -14,7 +14,7 @@ class HaConfig:
 
     enabled: bool = False
     node: str = ""  # this box's name in logs, pages and the store's takeover records; empty: the host name
-    interface: str = "eth0"  # the LAN interface that carries the virtual address
+    interface: str = ""  # the LAN interface that carries the virtual address; empty: the one that holds `address`
     address: str = ""  # this box's own address on it (VRRP's unicast source)
     peer: str = ""  # the other box's address
     virtual_address: str = ""  # with its prefix (192.168.1.50/24): where the office's router sends WeChat callbacks
