@@ -87,17 +87,33 @@ model *ARGS: install
 serve *ARGS: install
     {{venv}}/bin/r1box serve {{ARGS}}
 
-# r1box against onnxruntime-genai on the same model and machine (default: the 1.5B); ends with one JSON line
-bench MODEL="qwen2.5-coder-1.5b-instruct" THREADS="2":
+# r1box against onnxruntime-genai and llama.cpp (built natively once, about 20 minutes) on the same model and
+# machine (default: the 1.5B); ends with one JSON line
+bench MODEL="qwen2.5-coder-1.5b-instruct" THREADS="2": install build-tools
     #!/usr/bin/env bash
     set -euo pipefail
-    just install
     cache="${R1BOX_CACHE:-$HOME/.cache/r1box}"
     artifact=$({{python}} -c 'import sys; from export.artifacts import cached_artifact; print(cached_artifact(sys.argv[1]))' "{{MODEL}}")
     gguf=$({{venv}}/bin/r1box fetch "{{MODEL}}")
     anchor_python=$(bash appliance/bench/anchor_setup.sh "$gguf" "$cache/genai-models/{{MODEL}}-int4")
+    llama_bin=$(bash appliance/bench/llama_setup.sh)
     {{python}} -m appliance.bench.run --artifact "$artifact" --threads {{THREADS}} --out bench-results \
-        --anchor-python "$anchor_python" --anchor-model "$cache/genai-models/{{MODEL}}-int4"
+        --anchor-python "$anchor_python" --anchor-model "$cache/genai-models/{{MODEL}}-int4" \
+        --llama-bin "$llama_bin" --gguf "$gguf"
+
+# cmake and a C++ compiler, from Debian, for llama.cpp's native build (a no-op once installed)
+[private]
+build-tools:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    missing=()
+    for t in cmake:cmake g++:g++ make:make; do command -v "${t%%:*}" >/dev/null || missing+=("${t#*:}"); done
+    [ ${#missing[@]} -eq 0 ] && exit 0
+    echo "installing ${missing[*]} to build llama.cpp" >&2
+    [ "$(id -u)" -eq 0 ] || { echo "run as root, or: sudo apt-get install ${missing[*]}" >&2; exit 1; }
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }
 
 # the quick bench: the same on the 0.5B
 bench-quick THREADS="2": (bench "qwen2.5-coder-0.5b-instruct" THREADS)

@@ -1,15 +1,18 @@
-"""`just bench`: r1box's engine against onnxruntime-genai on the same model, prompts, threads and machine.
+"""`just bench`: r1box's engine against onnxruntime-genai and llama.cpp on the same model, prompts, threads and
+machine.
 
 Both sides get the same token ids (made here by the artifact's tokenizer and chat template), greedy decoding, 128 new
 tokens with end-of-sequence ignored, a warm-up first. r1box is measured at concurrency 1, 4 and 16 (aggregate
 tokens/s, time to first token and inter-token latency), on a second conversation turn with and without prefix reuse,
-and for peak resident memory; onnxruntime-genai runs in its own virtualenv (anchor.py). The last line printed
-is one JSON document; a plot of latency against concurrency is saved beside it. Single-stream decode, the figure the
-two sides are judged on, is then measured again with r1box and genai taking turns (ROUNDS times each, on the short
-prompt), and each side's median over all its runs is reported: this machine drifts by 10 % and more over minutes,
-so one sitting each would measure the drift as much as the engines.
+and for peak resident memory; onnxruntime-genai runs in its own virtualenv (anchor.py), llama.cpp as its own
+server on the GGUF the artifact was exported from (llama.py). The last line printed is one JSON document; a plot of
+latency against concurrency is saved beside it. Single-stream decode, the figure the sides are judged on, is then
+measured again with the sides taking turns (ROUNDS times each, on the short prompt), and each side's median over all
+its runs is reported: this machine drifts by 10 % and more over minutes, so one sitting each would measure the
+drift as much as the engines. Each ratio "vs_best" divides r1box's figure by the better of the two peers'.
 
-    python -m appliance.bench.run --artifact DIR [--anchor-python PY --anchor-model DIR] [--threads 2] [--out DIR]
+    python -m appliance.bench.run --artifact DIR [--anchor-python PY --anchor-model DIR] [--llama-bin DIR --gguf F]
+                                  [--threads 2] [--out DIR]
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance.bench import llama as llama_cpp
 from appliance.config import EngineConfig
 from appliance.model.decoder import Decoder, default_threads
 from appliance.model.engine import Engine, Finish
@@ -186,7 +190,7 @@ def measure_genai(python: str, model: str, prompts: dict[str, list[int]], thread
     return out
 
 
-def ratios(r1: dict, genai: dict | None) -> dict:
+def ratios(r1: dict, genai: dict | None, llama: dict | None = None) -> dict:
     out = {"throughput_c16_vs_c1": round(r1["c16"]["throughput_tok_s"] / r1["c1"]["throughput_tok_s"], 2),
            "end_to_end_c16_vs_c1": round(r1["c16"]["end_to_end_tok_s"] / r1["c1"]["end_to_end_tok_s"], 2),
            "prefix_warm_vs_cold": round(r1["prefix_reuse"]["ttft_ms_warm"] / r1["prefix_reuse"]["ttft_ms_cold"], 3)}
@@ -200,6 +204,20 @@ def ratios(r1: dict, genai: dict | None) -> dict:
         same = [_common_prefix(r1["prompts"][n]["generated_ids"], genai["prompts"][n].get("generated_ids", []))
                 for n in r1["prompts"]]
         out["greedy_same_first_tokens"] = {n: min(s, 32) for n, s in zip(r1["prompts"], same)}
+    if llama:
+        out["decode_c1_vs_llama"] = round(r1["c1"]["decode_tok_s"] / llama["c1"]["decode_tok_s"], 3)
+        out["greedy_same_first_tokens_llama"] = {
+            n: min(_common_prefix(r1["prompts"][n]["generated_ids"], llama["prompts"][n]["generated_ids"]), 32)
+            for n in r1["prompts"]}
+    peers = [side for side in (genai, llama) if side]
+    if peers:  # each figure against the better of the peers on it
+        out["decode_c1_vs_best"] = round(r1["c1"]["decode_tok_s"] / max(p["c1"]["decode_tok_s"] for p in peers), 3)
+        out["ttft_c1_vs_best"] = round(r1["c1"]["ttft_ms_p50"] / min(p["c1"]["ttft_ms_p50"] for p in peers), 3)
+        out["ttft_long_vs_best"] = round(r1["prompts"]["long"]["ttft_ms_p50"] / min(
+            p["prompts"]["long"].get("ttft_ms_p50") or p["prompts"]["long"]["ttft_ms"] for p in peers), 3)
+        c16 = [p["c16"]["throughput_tok_s"] for p in peers if "throughput_tok_s" in p.get("c16", {})]
+        if c16:
+            out["throughput_c16_vs_best"] = round(r1["c16"]["throughput_tok_s"] / max(c16), 3)
     return out
 
 
@@ -208,25 +226,26 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def table(report: dict) -> str:
-    r1, genai = report["r1box"], report.get("genai")
-    lines = [f"{'':<26}{'r1box':>12}{'genai':>12}"]
+    r1, genai, llama = report["r1box"], report.get("genai") or {}, report.get("llama_cpp") or {}
+    lines = [f"{'':<26}{'r1box':>12}{'genai':>12}{'llama.cpp':>12}"]
 
-    def row(label, ours, theirs=None):
-        lines.append(f"{label:<26}{ours:>12}{'' if theirs is None else theirs:>12}")
+    def row(label, ours, theirs=None, llamas=None):
+        lines.append(f"{label:<26}{ours:>12}{'' if theirs is None else theirs:>12}{'' if llamas is None else llamas:>12}")
 
     for name in r1["prompts"]:
-        p, g = r1["prompts"][name], (genai or {}).get("prompts", {}).get(name, {})
-        row(f"{name} ({p['prompt_tokens']} tok) TTFT ms", p["ttft_ms_p50"], g.get("ttft_ms_p50"))
-        row(f"{name} decode tok/s", p["decode_tok_s"], g.get("decode_tokens_per_s"))
+        p, g, l = r1["prompts"][name], genai.get("prompts", {}).get(name, {}), llama.get("prompts", {}).get(name, {})
+        row(f"{name} ({p['prompt_tokens']} tok) TTFT ms", p["ttft_ms_p50"], g.get("ttft_ms_p50"), l.get("ttft_ms_p50"))
+        row(f"{name} decode tok/s", p["decode_tok_s"], g.get("decode_tokens_per_s"), l.get("decode_tok_s"))
     for n in CONCURRENCY:
-        row(f"c{n} aggregate decode tok/s", r1[f"c{n}"]["throughput_tok_s"], (genai or {}).get(f"c{n}", {}).get(
-            "throughput_tok_s"))
+        row(f"c{n} aggregate decode tok/s", r1[f"c{n}"]["throughput_tok_s"],
+            genai.get(f"c{n}", {}).get("throughput_tok_s"), llama.get(f"c{n}", {}).get("throughput_tok_s"))
         row(f"c{n} end to end tok/s", r1[f"c{n}"]["end_to_end_tok_s"])
-        row(f"c{n} TTFT p99 ms", r1[f"c{n}"]["ttft_ms_p99"], (genai or {}).get(f"c{n}", {}).get("batch_ttft_ms"))
+        row(f"c{n} TTFT p99 ms", r1[f"c{n}"]["ttft_ms_p99"], genai.get(f"c{n}", {}).get("batch_ttft_ms"),
+            llama.get(f"c{n}", {}).get("ttft_ms_p99"))
     row("2nd turn TTFT cold ms", r1["prefix_reuse"]["ttft_ms_cold"])
     row("2nd turn TTFT warm ms", r1["prefix_reuse"]["ttft_ms_warm"])
-    row("peak RSS MB", r1["peak_rss_mb"], (genai or {}).get("peak_rss_mb"))
-    if genai and "huge_pages" in genai:
+    row("peak RSS MB", r1["peak_rss_mb"], genai.get("peak_rss_mb"), llama.get("peak_rss_mb"))
+    if "huge_pages" in genai:
         row("decode tok/s, genai+THP", "", genai["huge_pages"]["c1"]["decode_tok_s"])
     lines += [f"{k}: {v}" for k, v in report["ratios"].items()]
     return "\n".join(lines)
@@ -260,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--artifact", required=True)
     ap.add_argument("--anchor-python", help="python of the onnxruntime-genai virtualenv")
     ap.add_argument("--anchor-model", help="onnxruntime-genai model directory built from the same weights")
+    ap.add_argument("--llama-bin", help="folder of llama.cpp's binaries (llama_setup.sh)")
+    ap.add_argument("--gguf", help="the GGUF file the artifact was exported from, for llama.cpp")
     ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", default="bench-results", help="directory for the JSON and the plot")
@@ -272,34 +293,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench: {manifest.name} on {decoder.provider}, {args.threads} threads, prompts "
           f"{ {k: len(v) for k, v in prompts.items()} } tokens, {NEW_TOKENS} new tokens", file=sys.stderr)
     r1 = asyncio.run(measure_r1box(decoder, tok, conversations, args.runs))
-    genai = None
+    genai = llama = None
     if args.anchor_python and args.anchor_model:
         print("bench: onnxruntime-genai …", file=sys.stderr, flush=True)
         genai = measure_genai(args.anchor_python, args.anchor_model, prompts, args.threads, args.runs)
         print("bench: onnxruntime-genai with glibc's huge pages …", file=sys.stderr, flush=True)
         hp = measure_genai(args.anchor_python, args.anchor_model, prompts, args.threads, args.runs, huge_pages=True)
         genai["huge_pages"] = {"c1": hp["c1"], "peak_rss_mb": hp["peak_rss_mb"]}
-        ours, theirs = r1["prompts"]["short"]["decode_runs"], genai["prompts"]["short"]["decode_runs"]
-        for turn in range(ROUNDS):
-            print(f"bench: single-stream decode, turn {turn + 1} of {ROUNDS} …", file=sys.stderr, flush=True)
-            theirs += measure_genai(args.anchor_python, args.anchor_model, {"short": prompts["short"]}, args.threads,
-                                    2, single=True)["prompts"]["short"]["decode_runs"]
-            ours += [round(d, 2) for d in asyncio.run(decode_again(decoder, prompts["short"], 2))]
-        r1["prompts"]["short"]["decode_tok_s"] = r1["c1"]["decode_tok_s"] = round(float(np.median(ours)), 2)
-        genai["prompts"]["short"]["decode_tokens_per_s"] = genai["c1"]["decode_tok_s"] = round(
-            float(np.median(theirs)), 2)
-        print(f"  single-stream decode, median of every run: r1box {r1['c1']['decode_tok_s']} tokens/s "
-              f"({len(ours)} runs), genai {genai['c1']['decode_tok_s']} ({len(theirs)} runs)", file=sys.stderr,
-              flush=True)
+    if args.llama_bin and args.gguf:
+        print("bench: llama.cpp …", file=sys.stderr, flush=True)
+        llama = llama_cpp.measure(Path(args.llama_bin), Path(args.gguf), prompts, args.threads, args.runs, NEW_TOKENS,
+                                  CONCURRENCY, decode_throughput, _pct)
+    if genai or llama:
+        take_turns(args, decoder, prompts["short"], r1, genai, llama)
     report = {"model": manifest.name, "provider": decoder.provider, "threads": args.threads,
-              "cpu": _cpu_name(), "machine": platform.machine(), "quantization": manifest.raw["quantization"].get("tag")
+              "cpu": _cpu_name(), "cpu_flags": _cpu_flags(), "machine": platform.machine(),
+              "quantization": manifest.raw["quantization"].get("tag")
               or {k: manifest.raw["quantization"].get(k) for k in ("bits", "block_size", "int8_layers")},
-              "r1box": r1, "genai": genai}
-    report["ratios"] = ratios(r1, genai)
+              "r1box": r1, "genai": genai, "llama_cpp": llama}
+    report["ratios"] = ratios(r1, genai, llama)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(report, out / f"latency-{manifest.name}.svg")
-    for side in (r1, genai or {}):
+    for side in (r1, genai or {}, llama or {}):
         for p in side.get("prompts", {}).values():
             p.pop("generated_ids", None)
     (out / f"bench-{manifest.name}.json").write_text(json.dumps(report, indent=2))
@@ -309,6 +325,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def take_turns(args, decoder: Decoder, prompt: list[int], r1: dict, genai: dict | None, llama: dict | None) -> None:
+    """Single-stream decode once more, ROUNDS turns of each side, and each side's median over all its runs."""
+    runs = {"r1box": r1["prompts"]["short"]["decode_runs"]}
+    if genai:
+        runs["genai"] = genai["prompts"]["short"]["decode_runs"]
+    if llama:
+        runs["llama.cpp"] = llama["prompts"]["short"]["decode_runs"]
+    for turn in range(ROUNDS):
+        print(f"bench: single-stream decode, turn {turn + 1} of {ROUNDS} …", file=sys.stderr, flush=True)
+        if genai:
+            runs["genai"] += measure_genai(args.anchor_python, args.anchor_model, {"short": prompt}, args.threads,
+                                           2, single=True)["prompts"]["short"]["decode_runs"]
+        if llama:
+            runs["llama.cpp"] += [round(d, 2) for d in llama_cpp.decode_runs(
+                Path(args.llama_bin), Path(args.gguf), prompt, args.threads, 2, NEW_TOKENS)]
+        runs["r1box"] += [round(d, 2) for d in asyncio.run(decode_again(decoder, prompt, 2))]
+    median = {side: round(float(np.median(values)), 2) for side, values in runs.items()}
+    r1["prompts"]["short"]["decode_tok_s"] = r1["c1"]["decode_tok_s"] = median["r1box"]
+    if genai:
+        genai["prompts"]["short"]["decode_tokens_per_s"] = genai["c1"]["decode_tok_s"] = median["genai"]
+    if llama:
+        llama["prompts"]["short"]["decode_tok_s"] = llama["c1"]["decode_tok_s"] = median["llama.cpp"]
+    print("  single-stream decode, median of every run: " + ", ".join(
+        f"{side} {median[side]} tokens/s ({len(values)} runs)" for side, values in runs.items()), file=sys.stderr,
+        flush=True)
+
+
 def peak_rss_mb() -> float:
     """This process's resident high-water mark. Not getrusage: a child forked from a big parent inherits its
     maximum."""
@@ -316,6 +359,15 @@ def peak_rss_mb() -> float:
         if line.startswith("VmHWM:"):
             return round(int(line.split()[1]) / 1024, 1)
     return float("nan")
+
+
+def _cpu_flags() -> str:
+    """lscpu's flags: which vector instructions (AVX2, AVX-512, VNNI, AMX) the engines could use."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown"
 
 
 def _cpu_name() -> str:

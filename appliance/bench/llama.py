@@ -1,0 +1,171 @@
+"""The llama.cpp side of the bench: its own server (`llama-server`, built natively by llama_setup.sh) on the same GGUF
+that r1box's artifact was exported from, fed the same token ids through its /completion endpoint (greedy, 128 new
+tokens, end of sequence ignored, no prompt cache), streamed so that every token's arrival is timed as r1box's are.
+One server per sitting with as many slots as the largest concurrency; its peak resident memory is read from /proc.
+llama-bench's own figures (prompt processing at 512, generation of 128) are recorded beside, as llama.cpp reports
+itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """llama-server as a child: `slots` parallel sequences of `slot_tokens` each, `threads` for decode and prefill."""
+
+    def __init__(self, bin_dir: Path, gguf: Path, threads: int, slots: int, slot_tokens: int):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.argv = [str(bin_dir / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port),
+                     "-t", str(threads), "-tb", str(threads), "-np", str(slots), "-c", str(slots * slot_tokens),
+                     "-ngl", "0", "--no-webui"]
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Server":
+        self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"bench: llama-server exited ({self.process.returncode}): "
+                                 f"{self.process.stderr.read()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    pass
+                if _get_json(f"{self.url}/health").get("status") == "ok":
+                    return self
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise SystemExit("bench: llama-server did not load the model in 300 s")
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+        return float("nan")
+
+
+def _get_json(url: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        return json.load(resp)
+
+
+async def one(session: aiohttp.ClientSession, url: str, prompt: list[int], new_tokens: int) -> dict:
+    """One greedy completion, streamed: the same record as r1box's side keeps (appliance/bench/run.py)."""
+    body = {"prompt": prompt, "n_predict": new_tokens, "ignore_eos": True, "temperature": 0, "top_k": 1,
+            "cache_prompt": False, "stream": True, "return_tokens": True}
+    start = time.perf_counter()
+    stamps, tokens = [], []
+    async with session.post(f"{url}/completion", json=body) as resp:
+        resp.raise_for_status()
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("tokens") or chunk.get("content"):
+                now = time.perf_counter()
+                for token in chunk.get("tokens") or [None]:
+                    stamps.append(now)
+                    tokens.append(token)
+            if chunk.get("stop"):
+                break
+    return {"ttft": stamps[0] - start, "itl": np.diff(stamps).tolist(), "tokens": tokens, "end": stamps[-1],
+            "start": start, "stamps": stamps}
+
+
+async def _sitting(url: str, prompts: dict[str, list[int]], new_tokens: int, runs: int, concurrency: tuple[int, ...],
+                   decode_throughput, pct) -> dict:
+    out: dict = {"prompts": {}}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
+        for name, ids in prompts.items():
+            await one(session, url, ids, 16)  # warm-up
+            results = [await one(session, url, ids, new_tokens) for _ in range(runs)]
+            decode = [(len(r["stamps"]) - 1) / (r["end"] - r["start"] - r["ttft"]) for r in results]
+            out["prompts"][name] = {
+                "prompt_tokens": len(ids), "ttft_ms_p50": pct([r["ttft"] * 1000 for r in results], 50),
+                "decode_tok_s": round(float(np.median(decode)), 2), "decode_runs": [round(d, 2) for d in decode],
+                "generated_ids": results[0]["tokens"]}
+            print(f"  llama.cpp {name}: {out['prompts'][name]['ttft_ms_p50']} ms to first token, "
+                  f"{out['prompts'][name]['decode_tok_s']} tokens/s", file=sys.stderr, flush=True)
+        for n in concurrency:
+            if n == 1:
+                continue
+            await asyncio.gather(*(one(session, url, prompts["short"], 8) for _ in range(n)))
+            results = await asyncio.gather(*(one(session, url, prompts["short"], new_tokens) for _ in range(n)))
+            out[f"c{n}"] = {"throughput_tok_s": round(decode_throughput(results), 2),
+                            "ttft_ms_p99": pct([r["ttft"] * 1000 for r in results], 99)}
+            print(f"  llama.cpp c{n}: {out[f'c{n}']['throughput_tok_s']} tokens/s aggregate decode", file=sys.stderr,
+                  flush=True)
+    short = out["prompts"]["short"]
+    out["c1"] = {"ttft_ms_p50": short["ttft_ms_p50"], "decode_tok_s": short["decode_tok_s"]}
+    return out
+
+
+def measure(bin_dir: Path, gguf: Path, prompts: dict[str, list[int]], threads: int, runs: int, new_tokens: int,
+            concurrency: tuple[int, ...], decode_throughput, pct) -> dict:
+    """llama.cpp's figures, shaped like genai's in run.py; c1 is the short prompt alone."""
+    slot_tokens = -(-(max(len(p) for p in prompts.values()) + new_tokens) // 64) * 64
+    with Server(bin_dir, gguf, threads, max(concurrency), slot_tokens) as server:
+        out = asyncio.run(_sitting(server.url, prompts, new_tokens, runs, concurrency, decode_throughput, pct))
+        out["peak_rss_mb"] = server.peak_rss_mb()
+    out["version"] = _version(bin_dir)
+    out["own_bench"] = llama_bench(bin_dir, gguf, threads, new_tokens)
+    return out
+
+
+def decode_runs(bin_dir: Path, gguf: Path, prompt: list[int], threads: int, runs: int, new_tokens: int) -> list[float]:
+    """Single-stream decode again, in its turn among the sides (run.py's ROUNDS)."""
+    async def go(url):
+        async with aiohttp.ClientSession() as session:
+            await one(session, url, prompt, 16)
+            results = [await one(session, url, prompt, new_tokens) for _ in range(runs)]
+        return [(len(r["stamps"]) - 1) / (r["end"] - r["start"] - r["ttft"]) for r in results]
+
+    with Server(bin_dir, gguf, threads, 1, len(prompt) + new_tokens + 64) as server:
+        return asyncio.run(go(server.url))
+
+
+def llama_bench(bin_dir: Path, gguf: Path, threads: int, new_tokens: int) -> dict:
+    """llama-bench's own prompt-processing (512) and generation figures, in tokens/s."""
+    proc = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", "512",
+                           "-n", str(new_tokens), "-r", "2", "-o", "json"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip()[-300:]}
+    rows = json.loads(proc.stdout)
+    return {("pp" if r["n_prompt"] else "tg") + str(r["n_prompt"] or r["n_gen"]): round(r["avg_ts"], 2)
+            for r in rows}
+
+
+def _version(bin_dir: Path) -> str:
+    """llama-server's build and commit, and the cache folder's VERSION-FLAVOUR (llama_setup.sh)."""
+    proc = subprocess.run([str(bin_dir / "llama-server"), "--version"], capture_output=True, text=True)
+    found = re.search(r"version: (\S+ \(\w+\))", proc.stdout + proc.stderr)
+    return f"{found.group(1) if found else 'unknown'}, {bin_dir.parent.name}"
