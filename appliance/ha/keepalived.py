@@ -14,15 +14,22 @@ under nopreempt):
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
+import logging
 import shlex
 import subprocess
+import time
 from pathlib import Path
 
+from appliance.errors import HaError
 from appliance.ha.settings import HaConfig
 
+log = logging.getLogger(__name__)
+
 INSTANCE = "r1box"
+ADDRESS_WAIT_S = 120.0  # [ha] interface left empty: how long the node waits for DHCP to give the box its address
 
 # keepalived runs scripts only from paths nobody else may write; exit 1 puts the instance in FAULT
 FENCE = """#!/bin/sh
@@ -101,6 +108,18 @@ def interface_holding(address: str) -> str | None:
         if any(a.get("local") == address for a in link.get("addr_info", [])):
             return link["ifname"]
     return None
+
+
+async def wait_for_interface(address: str) -> str:
+    """The interface holding `address`, once DHCP has given it (up to ADDRESS_WAIT_S)."""
+    deadline = time.monotonic() + ADDRESS_WAIT_S
+    while (found := await asyncio.to_thread(interface_holding, address)) is None:
+        if time.monotonic() > deadline:
+            raise HaError(f"no interface of this box holds [ha] address {address} (waited {ADDRESS_WAIT_S:.0f} s): "
+                          "give the box that address (a DHCP reservation or a static one), or set [ha] interface")
+        await asyncio.sleep(1)
+    log.info("[ha] address %s is on %s", address, found)
+    return found
 
 
 def command(state: Path) -> list[str]:

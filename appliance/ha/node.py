@@ -51,7 +51,6 @@ MODEL_LOAD_S = 600.0  # a model that has not answered since the node started is 
 SERVE_RESTARTS = 3  # in RESTART_WINDOW_S, then the box gives the address up
 RESTART_WINDOW_S = 60.0
 FAILED_S = 30.0  # a takeover that failed: the box stays out this long, then may try again
-ADDRESS_WAIT_S = 120.0  # [ha] interface left empty: how long the node waits for DHCP to give the box its address
 
 
 def state_dir(config: Config) -> Path:
@@ -103,7 +102,7 @@ class Node:
     async def run(self) -> None:
         self.files.check()
         if not self.ha.interface:
-            self.ha = replace(self.ha, interface=await _interface_holding(self.ha.address))
+            self.ha = replace(self.ha, interface=await keepalived.wait_for_interface(self.ha.address))
         # keepalived runs the check script only from a folder nobody else may write; serve may pass (role.json)
         self.state.mkdir(parents=True, exist_ok=True, mode=0o711)
         os.chmod(self.state, 0o711)
@@ -147,7 +146,7 @@ class Node:
         replica folder to [ha] ssh_user, as whom the peer's litestream writes through this box's sshd."""
         replica = replication.replica_root(self.ha, self.db)
         replica.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.owner = _owner_of(self.db.parent)
+        self.owner = replication.owner_of(self.db.parent)
         self._litestream_dir.mkdir(exist_ok=True, mode=0o700)
         if os.geteuid() != 0:
             return
@@ -232,15 +231,7 @@ class Node:
             db["ha_takeovers"].insert({"epoch": self.epoch, "node": self.name, "source": source, "at": time.time()})
         finally:
             db.conn.close()
-        self._hand_store_over()
-
-    def _hand_store_over(self) -> None:
-        """The store's files, restored or written here as root, become its owner's again, so serve opens them."""
-        if not self.owner:
-            return
-        for path in (self.db, lock_file(self.db), *(self.db.with_name(self.db.name + s) for s in ("-wal", "-shm"))):
-            if path.exists():
-                os.chown(path, *self.owner)
+        replication.hand_over(self.db, self.owner)
 
     async def _step_down(self, role: str) -> None:
         if self.serve or self.litestream:
@@ -345,7 +336,7 @@ class Node:
                 return
             theirs = replication.take_newer(root, self.db)
             if theirs is not None:
-                self._hand_store_over()
+                replication.hand_over(self.db, self.owner)
                 self.epoch, self.replica_seen = theirs, seen
                 self._write_role()
         finally:
@@ -392,23 +383,6 @@ def _peer_status(ha) -> dict | None:
             return json.load(resp)
     except (OSError, ValueError):
         return None
-
-
-async def _interface_holding(address: str) -> str:
-    deadline = time.monotonic() + ADDRESS_WAIT_S
-    while (found := await asyncio.to_thread(keepalived.interface_holding, address)) is None:
-        if time.monotonic() > deadline:
-            raise HaError(f"no interface of this box holds [ha] address {address} (waited {ADDRESS_WAIT_S:.0f} s): "
-                          "give the box that address (a DHCP reservation or a static one), or set [ha] interface")
-        await asyncio.sleep(1)
-    log.info("[ha] address %s is on %s", address, found)
-    return found
-
-
-def _owner_of(folder: Path) -> tuple[int, int] | None:
-    """The store folder's owner when the node runs as root and that is somebody else (the image's r1box)."""
-    st = folder.stat()
-    return (st.st_uid, st.st_gid) if os.geteuid() == 0 and st.st_uid != 0 else None
 
 
 def _spawn(argv: list[str], name: str, owner: tuple[int, int] | None = None, quiet: bool = False

@@ -23,6 +23,7 @@ import aiohttp
 
 from appliance.ha.settings import HaConfig
 from appliance.errors import HaError
+from appliance.store.database import lock_file
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,22 @@ def replace(db: Path, restored: Path) -> None:
         db.with_name(db.name + suffix).unlink(missing_ok=True)
     os.replace(restored, db)
     os.chmod(db, 0o600)
+
+
+def owner_of(folder: Path) -> tuple[int, int] | None:
+    """The store folder's owner, when this process is root and that is somebody else (the image's r1box): who
+    serve and litestream run as, and whose the store's files must be."""
+    st = folder.stat()
+    return (st.st_uid, st.st_gid) if os.geteuid() == 0 and st.st_uid != 0 else None
+
+
+def hand_over(db: Path, owner: tuple[int, int] | None) -> None:
+    """The store's files, restored or written by root, become its owner's again, so serve opens them."""
+    if not owner:
+        return
+    for path in (db, lock_file(db), db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        if path.exists():
+            os.chown(path, *owner)
 
 
 def forget_position(db: Path) -> None:
