@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     if genai or llama:
         take_turns(args, decoder, prompts["short"], r1, genai, llama)
     report = {"model": manifest.name, "provider": decoder.provider, "threads": args.threads,
-              "cpu": _cpu_name(), "cpu_flags": _cpu_flags(), "machine": platform.machine(),
+              "cpu": _cpuinfo("model name"), "cpu_flags": _cpuinfo("flags"), "machine": platform.machine(),
               "quantization": manifest.raw["quantization"].get("tag")
               or {k: manifest.raw["quantization"].get(k) for k in ("bits", "block_size", "int8_layers")},
               "r1box": r1, "genai": genai, "llama_cpp": llama}
@@ -361,19 +361,12 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def _cpu_flags() -> str:
-    """lscpu's flags: which vector instructions (AVX2, AVX-512, VNNI, AMX) the engines could use."""
+def _cpuinfo(field: str) -> str:
+    """A field of /proc/cpuinfo's first processor: "model name", or "flags" (which vector instructions, AVX2,
+    AVX-512, VNNI, AMX, the engines could use: what lscpu shows)."""
     try:
         return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
+                    if line.startswith(field))
     except (OSError, StopIteration):
         return "unknown"
 
