@@ -13,11 +13,15 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
 import numpy as np
+
+from appliance.bench.figures import decode_rate, decode_throughput, pct, peak_rss_mb, record
 
 
 def _free_port() -> int:
@@ -38,19 +42,20 @@ class Server:
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> "Server":
+        # its log goes to a file: a pipe nobody reads fills up and stops the server mid-run
+        self.log = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True)
+                                        stderr=self.log, text=True)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise SystemExit(f"bench: llama-server exited ({self.process.returncode}): "
-                                 f"{self.process.stderr.read()[-2000:]}")
+                self.log.seek(0)
+                raise SystemExit(f"bench: llama-server exited ({self.process.returncode}): {self.log.read()[-2000:]}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    pass
-                if _get_json(f"{self.url}/health").get("status") == "ok":
-                    return self
-            except (OSError, ValueError):
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
+                    if json.load(resp).get("status") == "ok":
+                        return self
+            except (OSError, ValueError):  # not listening yet, or 503 while it loads
                 pass
             time.sleep(0.5)
         raise SystemExit("bench: llama-server did not load the model in 300 s")
@@ -61,23 +66,11 @@ class Server:
             self.process.wait(30)
         except subprocess.TimeoutExpired:
             self.process.kill()
-
-    def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-        return float("nan")
-
-
-def _get_json(url: str) -> dict:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=2) as resp:
-        return json.load(resp)
+        self.log.close()
 
 
 async def one(session: aiohttp.ClientSession, url: str, prompt: list[int], new_tokens: int) -> dict:
-    """One greedy completion, streamed: the same record as r1box's side keeps (appliance/bench/run.py)."""
+    """One greedy completion, streamed, as the record r1box's side keeps (figures.record)."""
     body = {"prompt": prompt, "n_predict": new_tokens, "ignore_eos": True, "temperature": 0, "top_k": 1,
             "cache_prompt": False, "stream": True, "return_tokens": True}
     start = time.perf_counter()
@@ -94,12 +87,11 @@ async def one(session: aiohttp.ClientSession, url: str, prompt: list[int], new_t
                 for token in chunk.get("tokens") or [None]:
                     stamps.append(now)
                     tokens.append(token)
-    return {"ttft": stamps[0] - start, "itl": np.diff(stamps).tolist(), "tokens": tokens, "end": stamps[-1],
-            "start": start, "stamps": stamps}
+    return record(start, stamps, tokens)
 
 
-async def _sitting(url: str, prompts: dict[str, list[int]], new_tokens: int, runs: int, concurrency: tuple[int, ...],
-                   decode_throughput, pct) -> dict:
+async def _sitting(url: str, prompts: dict[str, list[int]], new_tokens: int, runs: int, concurrency: tuple[int, ...]
+                   ) -> dict:
     out: dict = {"prompts": {}}
     # a connection a request: llama-server may close one after a stream ends, and the next request must not find it
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800),
@@ -107,7 +99,7 @@ async def _sitting(url: str, prompts: dict[str, list[int]], new_tokens: int, run
         for name, ids in prompts.items():
             await one(session, url, ids, 16)  # warm-up
             results = [await one(session, url, ids, new_tokens) for _ in range(runs)]
-            decode = [(len(r["stamps"]) - 1) / (r["end"] - r["start"] - r["ttft"]) for r in results]
+            decode = [decode_rate(r) for r in results]
             out["prompts"][name] = {
                 "prompt_tokens": len(ids), "ttft_ms_p50": pct([r["ttft"] * 1000 for r in results], 50),
                 "decode_tok_s": round(float(np.median(decode)), 2), "decode_runs": [round(d, 2) for d in decode],
@@ -129,12 +121,12 @@ async def _sitting(url: str, prompts: dict[str, list[int]], new_tokens: int, run
 
 
 def measure(bin_dir: Path, gguf: Path, prompts: dict[str, list[int]], threads: int, runs: int, new_tokens: int,
-            concurrency: tuple[int, ...], decode_throughput, pct) -> dict:
+            concurrency: tuple[int, ...]) -> dict:
     """llama.cpp's figures, shaped like genai's in run.py; c1 is the short prompt alone."""
     slot_tokens = -(-(max(len(p) for p in prompts.values()) + new_tokens) // 64) * 64
     with Server(bin_dir, gguf, threads, max(concurrency), slot_tokens) as server:
-        out = asyncio.run(_sitting(server.url, prompts, new_tokens, runs, concurrency, decode_throughput, pct))
-        out["peak_rss_mb"] = server.peak_rss_mb()
+        out = asyncio.run(_sitting(server.url, prompts, new_tokens, runs, concurrency))
+        out["peak_rss_mb"] = peak_rss_mb(server.process.pid)
     out["version"] = _version(bin_dir)
     out["own_bench"] = llama_bench(bin_dir, gguf, threads, new_tokens)
     return out
@@ -146,7 +138,7 @@ def decode_runs(bin_dir: Path, gguf: Path, prompt: list[int], threads: int, runs
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
             await one(session, url, prompt, 16)
             results = [await one(session, url, prompt, new_tokens) for _ in range(runs)]
-        return [(len(r["stamps"]) - 1) / (r["end"] - r["start"] - r["ttft"]) for r in results]
+        return [decode_rate(r) for r in results]
 
     with Server(bin_dir, gguf, threads, 1, len(prompt) + new_tokens + 64) as server:
         return asyncio.run(go(server.url))

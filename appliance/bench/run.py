@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from appliance.bench import llama as llama_cpp
+from appliance.bench.figures import decode_rate, decode_throughput, pct, peak_rss_mb, record
 from appliance.config import EngineConfig
 from appliance.model.decoder import Decoder, default_threads
 from appliance.model.engine import Engine, Finish
@@ -54,10 +55,6 @@ def make_conversations(tok: ChatTokenizer) -> dict[str, list[dict]]:
             "long": [{"role": "user", "content": body + "Summarize."}]}
 
 
-def _pct(values: list[float], q: float) -> float:
-    return round(float(np.percentile(values, q)), 2) if values else float("nan")
-
-
 async def _one(engine: Engine, prompt: list[int], params: SamplingParams) -> dict:
     start = time.perf_counter()
     stamps, tokens, finish = [], [], None
@@ -67,16 +64,7 @@ async def _one(engine: Engine, prompt: list[int], params: SamplingParams) -> dic
             break
         stamps.append(time.perf_counter())
         tokens.append(item)
-    return {"ttft": stamps[0] - start, "itl": np.diff(stamps).tolist(), "tokens": tokens, "end": stamps[-1],
-            "start": start, "stamps": stamps, "reused": finish.reused_tokens}
-
-
-def decode_throughput(results: list[dict]) -> float:
-    """Aggregate tokens/s once every stream has its first token (prefill done), to the last token: the figure
-    genai's batch run reports, so the two sides compare like for like."""
-    t0 = max(r["stamps"][0] for r in results)
-    tokens = sum(1 for r in results for s in r["stamps"] if s > t0)
-    return tokens / (max(r["end"] for r in results) - t0)
+    return record(start, stamps, tokens, reused=finish.reused_tokens)
 
 
 async def measure_r1box(decoder: Decoder, tok: ChatTokenizer, conversations: dict[str, list[dict]], runs: int
@@ -95,12 +83,12 @@ async def measure_r1box(decoder: Decoder, tok: ChatTokenizer, conversations: dic
         for name, ids in prompts.items():
             await _one(engine, ids, SamplingParams(max_tokens=16))  # warm-up
             results = [await _one(engine, ids, params) for _ in range(runs)]
-            decode = [(NEW_TOKENS - 1) / (r["end"] - r["start"] - r["ttft"]) for r in results]
+            decode = [decode_rate(r) for r in results]
             out["prompts"][name] = {
-                "prompt_tokens": len(ids), "ttft_ms_p50": _pct([r["ttft"] * 1000 for r in results], 50),
-                "ttft_ms_p99": _pct([r["ttft"] * 1000 for r in results], 99),
-                "itl_ms_p50": _pct([t * 1000 for r in results for t in r["itl"]], 50),
-                "itl_ms_p99": _pct([t * 1000 for r in results for t in r["itl"]], 99),
+                "prompt_tokens": len(ids), "ttft_ms_p50": pct([r["ttft"] * 1000 for r in results], 50),
+                "ttft_ms_p99": pct([r["ttft"] * 1000 for r in results], 99),
+                "itl_ms_p50": pct([t * 1000 for r in results for t in r["itl"]], 50),
+                "itl_ms_p99": pct([t * 1000 for r in results for t in r["itl"]], 99),
                 "decode_tok_s": round(float(np.median(decode)), 2), "decode_runs": [round(d, 2) for d in decode],
                 "generated_ids": results[0]["tokens"]}
             print(f"  r1box {name}: {out['prompts'][name]['ttft_ms_p50']} ms to first token, "
@@ -112,10 +100,10 @@ async def measure_r1box(decoder: Decoder, tok: ChatTokenizer, conversations: dic
             out[f"c{n}"] = {
                 "throughput_tok_s": round(decode_throughput(results), 2),
                 "end_to_end_tok_s": round(n * NEW_TOKENS / wall, 2),  # prefill of all n prompts included
-                "ttft_ms_p50": _pct([r["ttft"] * 1000 for r in results], 50),
-                "ttft_ms_p99": _pct([r["ttft"] * 1000 for r in results], 99),
-                "itl_ms_p50": _pct([t * 1000 for r in results for t in r["itl"]], 50),
-                "itl_ms_p99": _pct([t * 1000 for r in results for t in r["itl"]], 99),
+                "ttft_ms_p50": pct([r["ttft"] * 1000 for r in results], 50),
+                "ttft_ms_p99": pct([r["ttft"] * 1000 for r in results], 99),
+                "itl_ms_p50": pct([t * 1000 for r in results for t in r["itl"]], 50),
+                "itl_ms_p99": pct([t * 1000 for r in results for t in r["itl"]], 99),
                 "identical_rows": sum(r["tokens"] == out["prompts"]["short"]["generated_ids"] for r in results)}
             print(f"  r1box c{n}: {out[f'c{n}']['throughput_tok_s']} tokens/s aggregate decode, "
                   f"{out[f'c{n}']['end_to_end_tok_s']} end to end", file=sys.stderr, flush=True)
@@ -140,7 +128,7 @@ async def decode_again(decoder: Decoder, prompt: list[int], runs: int) -> list[f
         results = [await _one(engine, prompt, SamplingParams(max_tokens=NEW_TOKENS)) for _ in range(runs)]
     finally:
         engine.stop()
-    return [(NEW_TOKENS - 1) / (r["end"] - r["start"] - r["ttft"]) for r in results]
+    return [decode_rate(r) for r in results]
 
 
 async def _second_turn(decoder: Decoder, tok: ChatTokenizer, first_turn: list[dict]) -> dict:
@@ -303,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.llama_bin and args.gguf:
         print("bench: llama.cpp …", file=sys.stderr, flush=True)
         llama = llama_cpp.measure(Path(args.llama_bin), Path(args.gguf), prompts, args.threads, args.runs, NEW_TOKENS,
-                                  CONCURRENCY, decode_throughput, _pct)
+                                  CONCURRENCY)
     if genai or llama:
         take_turns(args, decoder, prompts["short"], r1, genai, llama)
     report = {"model": manifest.name, "provider": decoder.provider, "threads": args.threads,
@@ -350,15 +338,6 @@ def take_turns(args, decoder: Decoder, prompt: list[int], r1: dict, genai: dict 
     print("  single-stream decode, median of every run: " + ", ".join(
         f"{side} {median[side]} tokens/s ({len(values)} runs)" for side, values in runs.items()), file=sys.stderr,
         flush=True)
-
-
-def peak_rss_mb() -> float:
-    """This process's resident high-water mark. Not getrusage: a child forked from a big parent inherits its
-    maximum."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
 
 
 def _cpuinfo(field: str) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import replace
 from pathlib import Path
 
 from appliance.errors import HaError
@@ -60,12 +59,7 @@ def cmd_ha_config(args) -> None:
     config = _config(args)
     files = PairFiles.of(config.ha, config.store.file)
     files.check()
-    ha = config.ha
-    if not ha.interface:
-        found = keepalived.interface_holding(ha.address)
-        if not found:
-            raise HaError(f"no interface of this box holds [ha] address {ha.address}: set [ha] interface")
-        ha = replace(ha, interface=found)
+    ha = asyncio.run(keepalived.with_interface(config.ha, wait_s=0))
     print(keepalived.render(ha, state_dir(config), files.auth_pass()))
 
 

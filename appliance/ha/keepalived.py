@@ -21,6 +21,7 @@ import logging
 import shlex
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from appliance.errors import HaError
@@ -110,16 +111,18 @@ def interface_holding(address: str) -> str | None:
     return None
 
 
-async def wait_for_interface(address: str) -> str:
-    """The interface holding `address`, once DHCP has given it (up to ADDRESS_WAIT_S)."""
-    deadline = time.monotonic() + ADDRESS_WAIT_S
-    while (found := await asyncio.to_thread(interface_holding, address)) is None:
-        if time.monotonic() > deadline:
-            raise HaError(f"no interface of this box holds [ha] address {address} (waited {ADDRESS_WAIT_S:.0f} s): "
-                          "give the box that address (a DHCP reservation or a static one), or set [ha] interface")
+async def with_interface(ha: HaConfig, wait_s: float = ADDRESS_WAIT_S) -> HaConfig:
+    """[ha] with its interface: as set, or the one holding `address` once DHCP has given it (up to wait_s)."""
+    if ha.interface:
+        return ha
+    deadline = time.monotonic() + wait_s
+    while (found := await asyncio.to_thread(interface_holding, ha.address)) is None:
+        if time.monotonic() >= deadline:
+            raise HaError(f"no interface of this box holds [ha] address {ha.address} (waited {wait_s:.0f} s): give "
+                          "the box that address (a DHCP reservation or a static one), or set [ha] interface")
         await asyncio.sleep(1)
-    log.info("[ha] address %s is on %s", address, found)
-    return found
+    log.info("[ha] address %s is on %s", ha.address, found)
+    return replace(ha, interface=found)
 
 
 def command(state: Path) -> list[str]:

@@ -32,7 +32,6 @@ import sys
 import threading
 import time
 import urllib.request
-from dataclasses import replace
 from pathlib import Path
 
 from aiohttp import web
@@ -101,8 +100,7 @@ class Node:
 
     async def run(self) -> None:
         self.files.check()
-        if not self.ha.interface:
-            self.ha = replace(self.ha, interface=await keepalived.wait_for_interface(self.ha.address))
+        self.ha = await keepalived.with_interface(self.ha)
         # keepalived runs the check script only from a folder nobody else may write; serve may pass (role.json)
         self.state.mkdir(parents=True, exist_ok=True, mode=0o711)
         os.chmod(self.state, 0o711)
