@@ -29,7 +29,7 @@ PAIR_FILES = {"r1box-ha.key", "r1box-ha.key.pub", "r1box-ha.key.host", "r1box-ha
 # serve, keepalived and sshd under the pair's unit, each with its user
 PROCESSES = r"""for p in /proc/[0-9]*; do
   [ "$p" = /proc/$$ ] && continue
-  cmd=$(tr '\0' ' ' < $p/cmdline 2>/dev/null)
+  cmd=$( { tr '\0' ' ' < $p/cmdline; } 2>/dev/null )  # a process gone meanwhile (litestream restarts) says nothing
   case "$cmd" in *"appliance.cli serve"*|*keepalived*|*sshd*) echo "$(stat -c %U $p) $cmd";;
   esac
 done"""
