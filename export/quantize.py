@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import onnx
+from onnx import helper
 
 from appliance.errors import ExportError
 
@@ -67,16 +68,18 @@ def quantize(model: onnx.ModelProto, out_graph: Path, config: QuantConfig) -> di
         quantizer.process()
         return quantizer.model.model
 
-    names = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gather")]
-    wide = [n for n in names if any(fragment in n for fragment in config.int8_layers)]
-    if config.int8_layers and config.bits == 4:  # the 8-bit ones first; the second pass skips them (no longer MatMul)
-        if not wide:
-            raise ExportError(f"no MatMul matches --int8-layers {','.join(config.int8_layers)}; the graph's names "
-                              "hold lm_head, qkv_proj, o_proj, gate_up_proj and down_proj.")
-        model = run(model, 8, ("MatMul",), [n for n in names if n not in wide])
-    # GatherBlockQuantized takes 4 bits only
-    op_types = ("MatMul", "Gather") if config.quantize_embedding and config.bits == 4 else ("MatMul",)
-    model = run(model, config.bits, op_types, [])
+    import os
+    if os.environ.get("R1BOX_QUANT_RTN"):
+        names = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gather")]
+        wide = [n for n in names if any(fragment in n for fragment in config.int8_layers)]
+        if wide and config.bits == 4:
+            model = run(model, 8, ("MatMul",), [n for n in names if n not in wide])
+        op_types = ("MatMul", "Gather") if config.quantize_embedding and config.bits == 4 else ("MatMul",)
+        model = run(model, config.bits, op_types, [])
+    else:
+        wide = _fit_matmuls(model, config)
+        if config.quantize_embedding and config.bits == 4:  # GatherBlockQuantized takes 4 bits only
+            model = run(model, config.bits, ("Gather",), [])
     ops = Counter(n.op_type for n in model.graph.node)
     if ops["MatMulNBits"] == 0:
         raise ExportError("quantization produced no MatMulNBits node; the graph has no constant MatMul weights.")
@@ -84,6 +87,42 @@ def quantize(model: onnx.ModelProto, out_graph: Path, config: QuantConfig) -> di
     return {"method": "MatMulNBits", **asdict(config), "bits": config.bits, "int8_nodes": len(wide),
             "nodes": {"MatMulNBits": ops["MatMulNBits"], "GatherBlockQuantized": ops["GatherBlockQuantized"],
                       "MatMul (activations)": ops["MatMul"]}}
+
+
+def _fit_matmuls(model: onnx.ModelProto, config: QuantConfig) -> list[str]:
+    """Every MatMul with a constant weight becomes MatMulNBits, its blocks fitted by export/block_fit.py; returns
+    the names of those kept at 8 bits."""
+    from onnx import numpy_helper
+
+    from export.block_fit import fit_blocks
+
+    graph = model.graph
+    weights = {t.name: i for i, t in enumerate(graph.initializer)}
+    wide, drop = [], set()
+    for index, node in enumerate(graph.node):
+        if node.op_type != "MatMul" or node.input[1] not in weights:
+            continue
+        eight = config.bits == 8 or any(fragment in node.name for fragment in config.int8_layers)
+        bits = 8 if eight else 4
+        if eight and config.bits == 4:
+            wide.append(node.name)
+        name = node.input[1]
+        weight = numpy_helper.to_array(graph.initializer[weights[name]])
+        packed, scales, zeros = fit_blocks(weight, bits, config.block_size)
+        for suffix, array in (("_Q", packed), ("_scales", scales), ("_zero_points", zeros)):
+            graph.initializer.append(numpy_helper.from_array(array, name + suffix))
+        graph.node[index].CopyFrom(helper.make_node(
+            "MatMulNBits", [node.input[0], name + "_Q", name + "_scales", name + "_zero_points"], list(node.output),
+            name=node.name, domain="com.microsoft", K=weight.shape[0], N=weight.shape[1], bits=bits,
+            block_size=config.block_size, accuracy_level=config.accuracy_level))
+        drop.add(name)
+    if config.int8_layers and config.bits == 4 and not wide:
+        raise ExportError(f"no MatMul matches --int8-layers {','.join(config.int8_layers)}; the graph's names "
+                          "hold lm_head, qkv_proj, o_proj, gate_up_proj and down_proj.")
+    kept = [t for t in graph.initializer if t.name not in drop]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return wide
 
 
 def _save(model: onnx.ModelProto, out_graph: Path) -> None:

@@ -55,6 +55,7 @@ class _Sequence:
     pending: int | None = None  # sampled and streamed, not yet fed to the model
     think_tokens: int = 0
     reused: int = 0
+    room: int = 0  # positions reserved against the KV budget while it runs: prompt + max_tokens
     cancelled: bool = False
     submitted: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -67,6 +68,8 @@ class Engine:
         self.think = think if think and think.get("close_id") is not None else None
         self._fallback = fallback
         self.cache = decoder.new_cache(config.max_batch, config.max_length)
+        self.kv_budget = self._kv_budget()
+        self.kv_reserved = 0
         self.prefix = PrefixCache(self._prefix_budget(decoder))
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
@@ -80,6 +83,13 @@ class Engine:
         self.counters = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "prefilled_tokens": 0,
                          "decode_steps": 0, "busy": 0, "cancelled": 0}
         self.last_batch = 0
+
+    def _kv_budget(self) -> int:
+        """Positions the running sequences may hold together. On a GPU the buffers are allocated whole, so all."""
+        everything = self.cache.slots * self.cache.max_length
+        if self.cache.device != "cpu":
+            return everything
+        return min(everything, (self.config.kv_cache_mb << 20) // self.cache.bytes_per_token)
 
     def _prefix_budget(self, decoder: Decoder) -> int:
         if decoder.device != "cpu":
@@ -106,16 +116,18 @@ class Engine:
         """Yield token ids as they come, then one Finish. Closing the iterator early cancels the sequence."""
         if not prompt:
             raise RequestError("the prompt is empty.")
-        room = self.cache.max_length - len(prompt)
+        room = min(self.cache.max_length, self.kv_budget) - len(prompt)
         if room < 1:
             raise RequestError(f"the prompt has {len(prompt)} tokens; this engine holds at most "
-                               f"{self.cache.max_length - 1} plus the answer. Shorten the conversation.")
+                               f"{min(self.cache.max_length, self.kv_budget) - 1} plus the answer. Shorten the "
+                               "conversation.")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         seq = _Sequence(prompt=list(prompt), sampler=Sampler(params, prompt), max_tokens=min(params.max_tokens, room),
                         emit=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
                         in_think=bool(self.think and self.think.get("opened_in_prompt")))
         seq.context = seq.prompt
+        seq.room = len(prompt) + seq.max_tokens
         with self._wake:
             if len(self._waiting) >= self.config.max_waiting:
                 self.counters["busy"] += 1
@@ -147,7 +159,9 @@ class Engine:
             "provider": self.decoder.provider, "fallbacks": self.fallbacks, "fallback_reason": self.fallback_reason,
             "running": running, "waiting": waiting, "slots": self.config.max_batch,
             "free_slots": len(self.cache.free), "batch_size": self.last_batch,
-            "kv_cache_usage": round(self.cache.usage(), 4), "kv_cache_bytes": self.cache.nbytes,
+            "kv_cache_usage": round(float(self.cache.lengths.sum()) / self.kv_budget, 4), "kv_cache_bytes": self.cache.resident_bytes(),
+            "kv_budget_bytes": self.kv_budget * self.cache.bytes_per_token,
+            "kv_reserved_bytes": self.kv_reserved * self.cache.bytes_per_token,
             "prefix_cache": {"entries": len(self.prefix), "bytes": self.prefix.nbytes, "hits": self.prefix.hits,
                              "misses": self.prefix.misses, "reused_tokens": self.prefix.reused_tokens},
             **self.counters,
@@ -184,8 +198,10 @@ class Engine:
             self.counters["cancelled"] += 1
 
     def _admit(self) -> None:
-        while self._waiting and self.cache.free:
+        # first come, first served: a long request at the head waits for room rather than be overtaken for ever
+        while self._waiting and self.cache.free and self.kv_reserved + self._waiting[0].room <= self.kv_budget:
             seq = self._waiting.popleft()
+            self.kv_reserved += seq.room
             seq.slot = self.cache.allocate()
             reused, blocks = self.prefix.lookup(seq.context)
             if blocks is not None:
@@ -258,6 +274,7 @@ class Engine:
             tokens = (seq.context + seq.generated[len(seq.context) - len(seq.prompt):])[:fed]
             self.prefix.store(tokens, self.cache.read(seq.slot, fed))
         self.cache.release(seq.slot)
+        self.kv_reserved -= seq.room
         self._running.remove(seq)
         self.counters["prompt_tokens"] += len(seq.prompt)
 
@@ -274,6 +291,7 @@ class Engine:
                       self.decoder.provider, error, len(running))
             self.decoder = self._fallback()
             self.cache = self.decoder.new_cache(self.config.max_batch, self.config.max_length)
+            self.kv_budget, self.kv_reserved = self._kv_budget(), 0
             self.prefix = PrefixCache(self._prefix_budget(self.decoder))
             self.fallbacks += 1
             self.fallback_reason = f"{type(error).__name__}: {error}"[:300]

@@ -1,13 +1,20 @@
-"""The KV cache: one preallocated buffer per layer and kind, cut into slots, one slot per running sequence.
+"""The KV cache: one buffer per layer and kind, cut into slots, one slot per running sequence.
 
     key[layer], value[layer]: [slots, kv_heads, max_length, head_dim]
 
 The graph's attention writes new positions into the buffer in place (past and present are bound to the same
 memory), so a decode step never reallocates or copies the cache. A slot is a row; a batch of rows lo..hi is bound as
 one contiguous view, which is why sequences are given the lowest free slot. On CUDA the buffers live on the device.
+
+On the CPU the buffers are address space, not memory: anonymous mappings whose pages the kernel supplies as positions
+are written, and a released slot's pages go back to it. So slots × max_length can be generous while the memory held
+follows the tokens actually cached, and the engine bounds that by its budget (EngineConfig.kv_cache_mb). Huge pages
+are refused here: one written position would make 2 MiB of a row resident.
 """
 
 from __future__ import annotations
+
+import mmap
 
 import numpy as np
 import onnxruntime as ort
@@ -22,7 +29,9 @@ class KvCache:
         shape = (slots, kv_heads, max_length, head_dim)
         # 2·layers buffers in graph order: layer 0 key, layer 0 value, layer 1 key, …
         if device == "cpu":
-            self._host = [np.zeros(shape, self.dtype) for _ in range(2 * layers)]
+            count = int(np.prod(shape))
+            self._maps = [_reserve(count * self.dtype.itemsize) for _ in range(2 * layers)]
+            self._host = [np.frombuffer(m, self.dtype, count).reshape(shape) for m in self._maps]
             self._ptrs = [a.ctypes.data for a in self._host]
         else:
             self._device = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, device, 0)
@@ -37,14 +46,6 @@ class KvCache:
     def bytes_per_token(self) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype.itemsize
 
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.layers * self.slots * self.row_bytes
-
-    def usage(self) -> float:
-        """Share of the cache's positions that hold a sequence's tokens."""
-        return float(self.lengths.sum()) / (self.slots * self.max_length)
-
     def allocate(self) -> int:
         assert self.free, "no free slot: the scheduler admits only as many sequences as there are slots"
         slot = min(self.free)
@@ -54,8 +55,18 @@ class KvCache:
 
     def release(self, slot: int) -> None:
         assert slot not in self.free
+        if self.device == "cpu" and self.lengths[slot]:
+            start = -(-slot * self.row_bytes // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages of this row only
+            end = (slot + 1) * self.row_bytes // mmap.PAGESIZE * mmap.PAGESIZE
+            if end > start:
+                for m in self._maps:
+                    m.madvise(mmap.MADV_DONTNEED, start, end - start)  # reads as zeros again; memory returned
         self.lengths[slot] = 0
         self.free.add(slot)
+
+    def resident_bytes(self) -> int:
+        """Bytes the cached positions occupy (the pages behind them, to within a page per row and buffer)."""
+        return int(self.lengths.sum()) * self.bytes_per_token
 
     def bind(self, binding: ort.IOBinding, names: list[tuple[str, str]], first: int, rows: int) -> None:
         """Bind rows first..first+rows-1 of every buffer as both past (input) and present (output)."""
@@ -80,3 +91,11 @@ class KvCache:
         for a, block in zip(self._host, blocks):
             a[slot, :, :length] = block
         self.lengths[slot] = length
+
+
+def _reserve(size: int) -> mmap.mmap:
+    """Zeroed, writable address space that takes memory only where written."""
+    memory = mmap.mmap(-1, max(size, mmap.PAGESIZE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        memory.madvise(mmap.MADV_NOHUGEPAGE)
+    return memory

@@ -59,9 +59,9 @@ def open_chat(model: ModelConfig, engine_config: EngineConfig, metrics: Metrics 
                     think=manifest.chat.get("think"), fallback=on_cpu)
     if reason:
         engine.fallbacks, engine.fallback_reason = 1, reason
-    log.info("serving %s on %s with %d threads, %d slots of %d tokens (KV cache %.0f MB)", manifest.name,
-             decoder.provider, decoder.threads, engine_config.max_batch, engine.cache.max_length,
-             engine.cache.nbytes / 1e6)
+    log.info("serving %s on %s with %d threads, %d slots of up to %d tokens, KV budget %.0f MB (%d tokens)",
+             manifest.name, decoder.provider, decoder.threads, engine_config.max_batch, engine.cache.max_length,
+             engine.kv_budget * engine.cache.bytes_per_token / 1e6, engine.kv_budget)
     engine.start()
     return ChatService(manifest, ChatTokenizer(manifest), engine, metrics)
 

@@ -91,7 +91,7 @@ class EngineCollector:
         yield _gauge("llm_requests_running", "Sequences in the running batch", s["running"])
         yield _gauge("llm_requests_waiting", "Requests queued for a slot", s["waiting"])
         yield _gauge("llm_batch_size", "Sequences decoded in the last step", s["batch_size"])
-        yield _gauge("llm_kv_cache_usage_ratio", "Share of KV cache positions in use", s["kv_cache_usage"])
+        yield _gauge("llm_kv_cache_usage_ratio", "Share of the KV cache budget holding tokens", s["kv_cache_usage"])
         prefix = s["prefix_cache"]
         yield _counter("llm_prefix_cache_queries", "Prefix cache lookups", prefix["hits"] + prefix["misses"])
         yield _counter("llm_prefix_cache_hits", "Prefix cache lookups that reused KV", prefix["hits"])

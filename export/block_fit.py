@@ -1,0 +1,73 @@
+"""Block quantization by search: each block's scale and zero point chosen to minimize its weighted squared error.
+
+onnxruntime's quantizer rounds to nearest on the block's [min, max] grid. That grid spends levels on a block's one
+outlier and rounds everything else coarsely; at block 64 and 128, where a block spans more values, the loss shows in
+the parity report. Here, as in llama.cpp's k-quants (make_qkx2_quants), each block tries a range of scales around
+(max - min) / levels, rounds with each, refits the scale by least squares for the levels it chose, and keeps the one
+with the smallest error, weighting each weight by its magnitude plus the block's RMS (llama.cpp's weighting without an
+importance matrix: large weights matter more to the output).
+
+The result is MatMulNBits's own layout, so the kernels, and the speed, are the same as the plain rounding's:
+    B           uint8 [N, blocks, block·bits/8]   column n's K values, block by block, low nibble first at 4 bits
+    scales      float [N, blocks]
+    zero_points uint8 [N, ⌈blocks/2⌉] at 4 bits (low nibble first), [N, blocks] at 8; w = scale · (q - zero_point)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# denominators (levels - 1) + δ for δ in -1 … +1: llama.cpp's range for make_qkx2_quants (rmin -1, rdelta 0.1)
+_STEPS = torch.arange(-10, 11, dtype=torch.float32) / 10
+_ROWS_PER_CHUNK = 1 << 16  # blocks per pass: a few tens of MB of temporaries at block 128
+
+
+def fit_blocks(weight: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """weight: [K, N] as the graph's MatMul takes it (x @ weight). Returns (B, scales, zero_points) as above."""
+    k, n = weight.shape
+    blocks = -(-k // block)
+    columns = torch.from_numpy(np.ascontiguousarray(weight.T, np.float32))
+    if blocks * block != k:  # the kernel reads whole blocks; the padding multiplies nothing
+        columns = torch.nn.functional.pad(columns, (0, blocks * block - k))
+    rows = columns.reshape(n * blocks, block)
+    q = torch.empty(rows.shape, dtype=torch.uint8)
+    scales = torch.empty(rows.shape[0])
+    zeros = torch.empty(rows.shape[0], dtype=torch.uint8)
+    for lo in range(0, rows.shape[0], _ROWS_PER_CHUNK):
+        hi = min(lo + _ROWS_PER_CHUNK, rows.shape[0])
+        q[lo:hi], scales[lo:hi], zeros[lo:hi] = _search(rows[lo:hi], (1 << bits) - 1)
+    q, scales, zeros = q.numpy().reshape(n, blocks, block), scales.numpy().reshape(n, blocks), zeros.numpy()
+    zeros = zeros.reshape(n, blocks)
+    if bits == 8:
+        return q, scales, zeros
+    packed = q[..., 0::2] | (q[..., 1::2] << 4)
+    if blocks % 2:
+        zeros = np.pad(zeros, ((0, 0), (0, 1)))
+    return packed, scales, zeros[:, 0::2] | (zeros[:, 1::2] << 4)
+
+
+def _search(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [rows, block] → (levels uint8 [rows, block], scale [rows], zero point uint8 [rows])."""
+    low = x.min(1).values.clamp(max=0)  # a zero point in [0, top] puts 0 on the grid: the range holds it
+    span = x.max(1).values.clamp(min=0) - low
+    weights = x.abs() + x.pow(2).mean(1, keepdim=True).sqrt()
+    best_err = torch.full((x.shape[0],), float("inf"))
+    best_scale = torch.zeros(x.shape[0])
+    best_zero = torch.zeros(x.shape[0])
+    best_q = torch.zeros(x.shape, dtype=torch.uint8)
+    live = span > 0  # a block of zeros stays scale 0, levels 0
+    for step in _STEPS:
+        scale = torch.where(live, span / (top + step), torch.ones_like(span))
+        zero = (-low / scale).round().clamp(0, top)
+        q = (x / scale[:, None] + zero[:, None]).round().clamp(0, top)
+        d = q - zero[:, None]
+        den = (weights * d * d).sum(1)
+        fitted = torch.where(den > 0, (weights * x * d).sum(1) / den.clamp(min=1e-30), scale)
+        err = (weights * (x - fitted[:, None] * d).pow(2)).sum(1)
+        better = live & (err < best_err)
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, fitted, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+        best_q[better] = q[better].to(torch.uint8)
+    return best_q, best_scale, best_zero.to(torch.uint8)
