@@ -50,18 +50,19 @@ def cmd_export(args) -> None:
     from export.pipeline import export_model
     from export.quantize import QuantConfig
 
-    quant = QuantConfig(precision=args.precision, block_size=args.block_size, symmetric=args.symmetric,
-                        accuracy_level=args.accuracy_level, quantize_embedding=not args.fp32_embedding,
-                        int8_layers=_int8_layers(args.int8_layers, args.source))
+    from export.catalog import CATALOG
+
+    entry = CATALOG.get(args.source)  # a catalog model brings its measured recipe; flags override it
+    quant = QuantConfig(precision=args.precision, block_size=args.block_size or (entry.block_size if entry else 32),
+                        symmetric=args.symmetric, accuracy_level=args.accuracy_level,
+                        quantize_embedding=not args.fp32_embedding, int8_layers=_int8_layers(args.int8_layers, entry))
     export_model(args.source, Path(args.out), quant, min_agreement=args.min_agreement, force=args.force,
                  dtype=args.dtype)
 
 
-def _int8_layers(flag: str | None, source: str) -> tuple[str, ...]:
-    from export.catalog import CATALOG
-
+def _int8_layers(flag: str | None, entry) -> tuple[str, ...]:
     if flag is None:
-        return CATALOG[source].int8_layers if source in CATALOG else ()
+        return entry.int8_layers if entry else ()
     return () if flag == "none" else tuple(f.strip() for f in flag.split(",") if f.strip())
 
 
@@ -301,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["int4", "int8", "fp32"], default="int4")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="activations and KV cache: float32 for CPU boxes, float16 for NVIDIA ones")
-    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--block-size", type=int, help="int4 block size; default: the catalog's recipe, else 32")
     p.add_argument("--symmetric", action="store_true", help="no zero points (smaller, less accurate)")
     p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits compute type: 4 = int8 activations (fastest on CPU)")

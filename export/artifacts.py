@@ -16,7 +16,7 @@ from export.quantize import QuantConfig
 
 def cached_artifact(name: str, quant: QuantConfig | None = None) -> Path:
     entry = lookup(name)
-    quant = quant or QuantConfig(int8_layers=entry.int8_layers)
+    quant = quant or QuantConfig(block_size=entry.block_size, int8_layers=entry.int8_layers)
     key = entry.mirror.sha256[:16] if entry.mirror else "hub"
     out = cache_root() / "artifacts" / f"{name}-{key}-{quant.tag}"
     if (out / "manifest.json").is_file():

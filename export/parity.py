@@ -74,6 +74,7 @@ def parity_report(refs: list[Reference], decoder: Decoder) -> dict:
         "method": f"teacher-forced top-1 agreement over {new_tokens} greedy tokens of the source model, "
                   "prefill then decode through the KV cache",
         "agreement": round(float(np.mean([c["agreement"] for c in cases])), 4),
+        "lowest_agreement": min(c["agreement"] for c in cases),
         "max_abs_logit_diff": max(c["max_abs_logit_diff"] for c in cases),
         "cases": cases,
     }

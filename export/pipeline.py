@@ -68,7 +68,8 @@ def export_model(spec: str, out: Path, quant: QuantConfig = QuantConfig(), min_a
             report = parity_report(refs, Decoder(load_manifest(staging, verify=False)))
             report["threshold"] = min_agreement
             report["passed"] = report["agreement"] >= min_agreement
-            say(f"  agreement {report['agreement']:.3f} (threshold {min_agreement}), max |Δ logits| "
+            say(f"  agreement {report['agreement']:.3f} (threshold {min_agreement}; lowest prompt "
+                f"{report['lowest_agreement']:.3f}), max |Δ logits| "
                 f"{report['max_abs_logit_diff']:.2f}")
         if not report["passed"]:
             raise ExportError(

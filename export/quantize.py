@@ -1,9 +1,11 @@
-"""Weight-only quantization with onnxruntime's MatMulNBits (and GatherBlockQuantized for the embedding table).
+"""Weight-only quantization into onnxruntime's MatMulNBits (and GatherBlockQuantized for the embedding table).
 
-Defaults come from measurement (shared/MODELS.md, confirmed by our parity reports): block 32 with zero points
-(asymmetric) keeps teacher-forced top-1 agreement near 0.97 on the 0.5B where symmetric drops to 0.85, at the
-same decode speed. Quantizing the embedding Gather too keeps the 1.5B under 1.3 GB; fp32 embeddings alone are
-0.93 GB there.
+Each MatMul's blocks are fitted by export/block_fit.py (a search of scale and zero point per block) and written in
+MatMulNBits's layout here; onnxruntime's
+quantizer, plain rounding to nearest, does only the embedding table. Defaults come from measurement (shared/MODELS.md,
+our parity reports, the top README): zero points (asymmetric) keep top-1 agreement near 0.97 on the 0.5B where
+symmetric drops to 0.85, at the same decode speed; the block size and the MatMuls kept at 8 bits are each catalog
+model's recipe. Quantizing the embedding Gather too keeps the 1.5B near 1 GB; fp32 embeddings alone are 0.93 GB.
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ class QuantConfig:
 
     @property
     def tag(self) -> str:
-        """Short, stable name for cache keys: int4-b32-asym-emb."""
+        """Short, stable name for cache keys: int4-b32-asym-fit-acc4-emb."""
         if self.precision == "fp32":
             return "fp32"
-        return (f"{self.precision}-b{self.block_size}-{'sym' if self.symmetric else 'asym'}"
+        return (f"{self.precision}-b{self.block_size}-{'sym' if self.symmetric else 'asym'}-fit"
                 f"-acc{self.accuracy_level}{'-emb' if self.quantize_embedding else ''}"
                 f"{'-i8.' + '.'.join(sorted(self.int8_layers)) if self.int8_layers else ''}")
 
@@ -53,38 +55,14 @@ def quantize(model: onnx.ModelProto, out_graph: Path, config: QuantConfig) -> di
         return {"method": "none", "precision": "fp32"}
     if config.block_size < 16 or config.block_size & (config.block_size - 1):
         raise ExportError(f"block size {config.block_size} must be a power of two of at least 16.")
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-    # it warns that it raises the opset for int4 and lists every node; neither says anything we need
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
-
-    def run(model: onnx.ModelProto, bits: int, op_types: tuple[str, ...], exclude: list[str]) -> onnx.ModelProto:
-        algo = DefaultWeightOnlyQuantConfig(
-            block_size=config.block_size, is_symmetric=config.symmetric, accuracy_level=config.accuracy_level,
-            op_types_to_quantize=op_types, quant_axes=(("MatMul", 0), ("Gather", 1)), bits=bits)
-        quantizer = MatMulNBitsQuantizer(
-            model, bits=bits, block_size=config.block_size, is_symmetric=config.symmetric,
-            accuracy_level=config.accuracy_level, nodes_to_exclude=exclude, algo_config=algo)
-        quantizer.process()
-        return quantizer.model.model
-
-    import os
-    if os.environ.get("R1BOX_QUANT_RTN"):
-        names = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gather")]
-        wide = [n for n in names if any(fragment in n for fragment in config.int8_layers)]
-        if wide and config.bits == 4:
-            model = run(model, 8, ("MatMul",), [n for n in names if n not in wide])
-        op_types = ("MatMul", "Gather") if config.quantize_embedding and config.bits == 4 else ("MatMul",)
-        model = run(model, config.bits, op_types, [])
-    else:
-        wide = _fit_matmuls(model, config)
-        if config.quantize_embedding and config.bits == 4:  # GatherBlockQuantized takes 4 bits only
-            model = run(model, config.bits, ("Gather",), [])
+    wide = _fit_matmuls(model, config)
+    if config.quantize_embedding and config.bits == 4:  # GatherBlockQuantized takes 4 bits only
+        model = _quantize_embedding(model, config)
     ops = Counter(n.op_type for n in model.graph.node)
     if ops["MatMulNBits"] == 0:
         raise ExportError("quantization produced no MatMulNBits node; the graph has no constant MatMul weights.")
     _save(model, out_graph)
-    return {"method": "MatMulNBits", **asdict(config), "bits": config.bits, "int8_nodes": len(wide),
+    return {"method": "MatMulNBits", "fit": "scale search per block (export/block_fit.py)", **asdict(config), "bits": config.bits, "int8_nodes": len(wide),
             "nodes": {"MatMulNBits": ops["MatMulNBits"], "GatherBlockQuantized": ops["GatherBlockQuantized"],
                       "MatMul (activations)": ops["MatMul"]}}
 
@@ -108,11 +86,14 @@ def _fit_matmuls(model: onnx.ModelProto, config: QuantConfig) -> list[str]:
             wide.append(node.name)
         name = node.input[1]
         weight = numpy_helper.to_array(graph.initializer[weights[name]])
-        packed, scales, zeros = fit_blocks(weight, bits, config.block_size)
+        packed, scales, zeros = fit_blocks(weight, bits, config.block_size, config.symmetric)
+        inputs = [node.input[0]]
         for suffix, array in (("_Q", packed), ("_scales", scales), ("_zero_points", zeros)):
-            graph.initializer.append(numpy_helper.from_array(array, name + suffix))
+            if array is not None:
+                graph.initializer.append(numpy_helper.from_array(array, name + suffix))
+                inputs.append(name + suffix)
         graph.node[index].CopyFrom(helper.make_node(
-            "MatMulNBits", [node.input[0], name + "_Q", name + "_scales", name + "_zero_points"], list(node.output),
+            "MatMulNBits", inputs, list(node.output),
             name=node.name, domain="com.microsoft", K=weight.shape[0], N=weight.shape[1], bits=bits,
             block_size=config.block_size, accuracy_level=config.accuracy_level))
         drop.add(name)
@@ -123,6 +104,23 @@ def _fit_matmuls(model: onnx.ModelProto, config: QuantConfig) -> list[str]:
     del graph.initializer[:]
     graph.initializer.extend(kept)
     return wide
+
+
+def _quantize_embedding(model: onnx.ModelProto, config: QuantConfig) -> onnx.ModelProto:
+    """The embedding table's Gather as GatherBlockQuantized, by onnxruntime's quantizer: a row is read per token,
+    never multiplied, so plain rounding serves it."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    # it warns that it raises the opset for int4 and lists every node; neither says anything we need
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
+    algo = DefaultWeightOnlyQuantConfig(
+        block_size=config.block_size, is_symmetric=config.symmetric, accuracy_level=config.accuracy_level,
+        op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),), bits=4)
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=4, block_size=config.block_size, is_symmetric=config.symmetric,
+        accuracy_level=config.accuracy_level, algo_config=algo)
+    quantizer.process()
+    return quantizer.model.model
 
 
 def _save(model: onnx.ModelProto, out_graph: Path) -> None:
