@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "qwen2.5-coder-0.5b-instruct"
+KEEP = 2  # images kept besides a new one: each is about 3 GB, and every edit of appliance/ makes another
 
 
 def cache_root() -> Path:
@@ -44,9 +46,21 @@ def build(arch: str = "amd64") -> Path:
     if image.exists():
         print(f"==> reusing {image} (inputs unchanged)", file=sys.stderr)
         return image
+    _prune(keep=out)
     subprocess.run([str(REPO / "firmware_image/build.sh"), "--arch", arch, "--artifact", str(artifact),
                     "--out", str(out)], check=True, stdin=subprocess.DEVNULL)
     return image
+
+
+def _prune(keep: Path) -> None:
+    """Delete all but the KEEP newest images of earlier inputs, before a new one takes its room."""
+    if not cache_root().is_dir():
+        return
+    built = sorted((d for d in cache_root().iterdir() if d.is_dir() and d != keep and any(d.glob("r1box-*.img"))),
+                   key=lambda d: d.stat().st_mtime, reverse=True)
+    for old in built[KEEP:]:
+        print(f"==> removing the image of earlier inputs {old}", file=sys.stderr)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def main() -> None:
