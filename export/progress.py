@@ -28,3 +28,7 @@ def step(title: str, timings: dict[str, float] | None = None):
 def byte_bar(total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
                 dynamic_ncols=True, mininterval=0.5)
+
+
+def count_bar(items, desc: str, unit: str) -> tqdm:
+    return tqdm(items, desc=desc, unit=f" {unit}", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)

@@ -73,13 +73,14 @@ def _fit_matmuls(model: onnx.ModelProto, config: QuantConfig) -> list[str]:
     from onnx import numpy_helper
 
     from export.block_fit import fit_blocks
+    from export.progress import count_bar
 
     graph = model.graph
     weights = {t.name: i for i, t in enumerate(graph.initializer)}
+    matmuls = [i for i, node in enumerate(graph.node) if node.op_type == "MatMul" and node.input[1] in weights]
     wide, drop = [], set()
-    for index, node in enumerate(graph.node):
-        if node.op_type != "MatMul" or node.input[1] not in weights:
-            continue
+    for index in count_bar(matmuls, "fitting blocks", "MatMul"):  # minutes for the 1.5B
+        node = graph.node[index]
         eight = config.bits == 8 or any(fragment in node.name for fragment in config.int8_layers)
         bits = 8 if eight else 4
         if eight and config.bits == 4:
