@@ -1,11 +1,11 @@
 """Weight-only quantization into onnxruntime's MatMulNBits (and GatherBlockQuantized for the embedding table).
 
 Each MatMul's blocks are fitted by export/block_fit.py (a search of scale and zero point per block) and written in
-MatMulNBits's layout here; onnxruntime's
-quantizer, plain rounding to nearest, does only the embedding table. Defaults come from measurement (shared/MODELS.md,
-our parity reports, the top README): zero points (asymmetric) keep top-1 agreement near 0.97 on the 0.5B where
-symmetric drops to 0.85, at the same decode speed; the block size and the MatMuls kept at 8 bits are each catalog
-model's recipe. Quantizing the embedding Gather too keeps the 1.5B near 1 GB; fp32 embeddings alone are 0.93 GB.
+MatMulNBits's layout here; onnxruntime's quantizer, plain rounding to nearest, does only the embedding table.
+Defaults come from measurement (shared/MODELS.md, our parity reports, the top README): zero points (asymmetric) keep
+top-1 agreement near 0.97 on the 0.5B where symmetric drops to 0.85, at the same decode speed; the block size and
+the MatMuls kept at 8 bits are each catalog model's recipe. Quantizing the embedding Gather too keeps the 1.5B near
+1 GB; fp32 embeddings alone are 0.93 GB.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def quantize(model: onnx.ModelProto, out_graph: Path, config: QuantConfig) -> di
     if ops["MatMulNBits"] == 0:
         raise ExportError("quantization produced no MatMulNBits node; the graph has no constant MatMul weights.")
     _save(model, out_graph)
-    return {"method": "MatMulNBits", "fit": "scale search per block (export/block_fit.py)", **asdict(config), "bits": config.bits, "int8_nodes": len(wide),
+    return {"method": "MatMulNBits", "fit": "scale search per block (export/block_fit.py)", **asdict(config),
+            "bits": config.bits, "int8_nodes": len(wide),
             "nodes": {"MatMulNBits": ops["MatMulNBits"], "GatherBlockQuantized": ops["GatherBlockQuantized"],
                       "MatMul (activations)": ops["MatMul"]}}
 

@@ -159,7 +159,8 @@ class Engine:
             "provider": self.decoder.provider, "fallbacks": self.fallbacks, "fallback_reason": self.fallback_reason,
             "running": running, "waiting": waiting, "slots": self.config.max_batch,
             "free_slots": len(self.cache.free), "batch_size": self.last_batch,
-            "kv_cache_usage": round(float(self.cache.lengths.sum()) / self.kv_budget, 4), "kv_cache_bytes": self.cache.resident_bytes(),
+            "kv_cache_usage": round(float(self.cache.lengths.sum()) / self.kv_budget, 4),
+            "kv_cache_bytes": self.cache.resident_bytes(),
             "kv_budget_bytes": self.kv_budget * self.cache.bytes_per_token,
             "kv_reserved_bytes": self.kv_reserved * self.cache.bytes_per_token,
             "prefix_cache": {"entries": len(self.prefix), "bytes": self.prefix.nbytes, "hits": self.prefix.hits,
@@ -298,6 +299,7 @@ class Engine:
             # resume each stream where it was: its prompt and what it already said are prefilled again
             self._running.clear()
             for seq in reversed(running):
+                seq.room = min(seq.room, self.kv_budget)  # the CPU's budget may be smaller than the GPU's cache
                 seq.context = seq.prompt + seq.generated
                 seq.prefilled, seq.pending, seq.slot = 0, None, -1
                 self._waiting.appendleft(seq)
