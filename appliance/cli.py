@@ -54,7 +54,7 @@ def cmd_export(args) -> None:
 
     entry = CATALOG.get(args.source)  # a catalog model brings its measured recipe; flags override it
     quant = QuantConfig(precision=args.precision, block_size=args.block_size or (entry.block_size if entry else 32),
-                        symmetric=args.symmetric, accuracy_level=args.accuracy_level,
+                        symmetric=args.symmetric, accuracy_level=args.accuracy_level, gptq=not args.no_gptq,
                         quantize_embedding=not args.fp32_embedding, int8_layers=_int8_layers(args.int8_layers, entry))
     export_model(args.source, Path(args.out), quant, min_agreement=args.min_agreement, force=args.force,
                  dtype=args.dtype)
@@ -304,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activations and KV cache: float32 for CPU boxes, float16 for NVIDIA ones")
     p.add_argument("--block-size", type=int, help="int4 block size; default: the catalog's recipe, else 32")
     p.add_argument("--symmetric", action="store_true", help="no zero points (smaller, less accurate)")
+    p.add_argument("--no-gptq", action="store_true",
+                   help="round each block alone instead of GPTQ on the model's own answers (faster, less accurate)")
     p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits compute type: 4 = int8 activations (fastest on CPU)")
     p.add_argument("--fp32-embedding", action="store_true", help="keep the embedding table unquantized")

@@ -40,20 +40,27 @@ def fit_blocks(weight: np.ndarray, bits: int, block: int, symmetric: bool = Fals
     zeros = torch.empty(rows.shape[0], dtype=torch.uint8)
     for lo in range(0, rows.shape[0], _ROWS_PER_CHUNK):
         hi = min(lo + _ROWS_PER_CHUNK, rows.shape[0])
-        q[lo:hi], scales[lo:hi], zeros[lo:hi] = _search(rows[lo:hi], (1 << bits) - 1, symmetric)
-    q, scales = q.numpy().reshape(n, blocks, block), scales.numpy().reshape(n, blocks)
-    zeros = None if symmetric else zeros.numpy().reshape(n, blocks)
+        q[lo:hi], scales[lo:hi], zeros[lo:hi] = search(rows[lo:hi], (1 << bits) - 1, symmetric)
+    return pack(q.reshape(n, blocks, block), scales.reshape(n, blocks), None if symmetric else zeros.reshape(n, blocks),
+                bits)
+
+
+def pack(levels: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """levels uint8 [N, blocks, block], scales [N, blocks], zero points uint8 [N, blocks] or None → the layout above."""
+    q, scales = levels.numpy(), scales.numpy()
+    zeros = None if zeros is None else zeros.numpy()
     if bits == 8:
         return q, scales, zeros
     packed = q[..., 0::2] | (q[..., 1::2] << 4)
     if zeros is not None:
-        if blocks % 2:
+        if zeros.shape[1] % 2:
             zeros = np.pad(zeros, ((0, 0), (0, 1)))
         zeros = zeros[:, 0::2] | (zeros[:, 1::2] << 4)
     return packed, scales, zeros
 
 
-def _search(x: torch.Tensor, top: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def search(x: torch.Tensor, top: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [rows, block] → (levels uint8 [rows, block], scale [rows], zero point uint8 [rows])."""
     if symmetric:  # the zero point is the middle level, (top + 1) / 2; the grid reaches it on either side
         middle = (top + 1) // 2

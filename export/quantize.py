@@ -32,45 +32,55 @@ class QuantConfig:
     # MatMuls kept at 8 bits, by name fragment ("lm_head", "qkv_proj", "down_proj"): the mixed recipe, in the
     # spirit of llama.cpp's Q4_K_M, for models whose int4 parity is too low (the catalog says which)
     int8_layers: tuple[str, ...] = ()
+    # levels chosen by GPTQ on the source model's own answers (export/gptq.py), not by rounding each block alone
+    gptq: bool = True
 
     @property
     def bits(self) -> int:
         return {"int4": 4, "int8": 8}[self.precision]
 
+    def bits_for(self, name: str) -> int:
+        """The bits of one MatMul, by its node or weight name: the precision's, or 8 for an int8_layers match."""
+        return 8 if self.bits == 8 or any(fragment in name for fragment in self.int8_layers) else 4
+
     @property
     def tag(self) -> str:
-        """Short, stable name for cache keys: int4-b32-asym-fit-acc4-emb."""
+        """Short, stable name for cache keys: int4-b32-asym-gptq-acc4-emb."""
         if self.precision == "fp32":
             return "fp32"
-        return (f"{self.precision}-b{self.block_size}-{'sym' if self.symmetric else 'asym'}-fit"
+        return (f"{self.precision}-b{self.block_size}-{'sym' if self.symmetric else 'asym'}"
+                f"-{'gptq' if self.gptq else 'fit'}"
                 f"-acc{self.accuracy_level}{'-emb' if self.quantize_embedding else ''}"
                 f"{'-i8.' + '.'.join(sorted(self.int8_layers)) if self.int8_layers else ''}")
 
 
-def quantize(model: onnx.ModelProto, out_graph: Path, config: QuantConfig) -> dict:
+def quantize(model: onnx.ModelProto, out_graph: Path, config: QuantConfig, fitted: dict | None = None) -> dict:
     """Quantize the in-memory fp32 graph, save it to out_graph (external data beside it); return the manifest's
-    `quantization` section. fp32 just saves."""
+    `quantization` section. fitted: MatMulNBits tensors by weight name, made by GPTQ (export/gptq.py); the MatMuls
+    it lacks are fitted here block by block. fp32 just saves."""
     if config.precision == "fp32":
         _save(model, out_graph)
         return {"method": "none", "precision": "fp32"}
     if config.block_size < 16 or config.block_size & (config.block_size - 1):
         raise ExportError(f"block size {config.block_size} must be a power of two of at least 16.")
-    wide = _fit_matmuls(model, config)
+    wide = _fit_matmuls(model, config, fitted or {})
     if config.quantize_embedding and config.bits == 4:  # GatherBlockQuantized takes 4 bits only
         model = _quantize_embedding(model, config)
     ops = Counter(n.op_type for n in model.graph.node)
     if ops["MatMulNBits"] == 0:
         raise ExportError("quantization produced no MatMulNBits node; the graph has no constant MatMul weights.")
     _save(model, out_graph)
-    return {"method": "MatMulNBits", "fit": "scale search per block (export/block_fit.py)", **asdict(config),
+    fit = "GPTQ on the source's own answers, block scales by search (export/gptq.py)" if fitted else \
+        "scale search per block (export/block_fit.py)"
+    return {"method": "MatMulNBits", "fit": fit, **asdict(config),
             "bits": config.bits, "int8_nodes": len(wide),
             "nodes": {"MatMulNBits": ops["MatMulNBits"], "GatherBlockQuantized": ops["GatherBlockQuantized"],
                       "MatMul (activations)": ops["MatMul"]}}
 
 
-def _fit_matmuls(model: onnx.ModelProto, config: QuantConfig) -> list[str]:
-    """Every MatMul with a constant weight becomes MatMulNBits, its blocks fitted by export/block_fit.py; returns
-    the names of those kept at 8 bits."""
+def _fit_matmuls(model: onnx.ModelProto, config: QuantConfig, fitted: dict) -> list[str]:
+    """Every MatMul with a constant weight becomes MatMulNBits, with GPTQ's tensors where `fitted` has them, else
+    with blocks fitted by export/block_fit.py; returns the names of those kept at 8 bits."""
     from onnx import numpy_helper
 
     from export.block_fit import fit_blocks
@@ -82,13 +92,18 @@ def _fit_matmuls(model: onnx.ModelProto, config: QuantConfig) -> list[str]:
     wide, drop = [], set()
     for index in count_bar(matmuls, "fitting blocks", "MatMul"):  # minutes for the 1.5B
         node = graph.node[index]
-        eight = config.bits == 8 or any(fragment in node.name for fragment in config.int8_layers)
-        bits = 8 if eight else 4
-        if eight and config.bits == 4:
+        bits = config.bits_for(node.name)
+        if bits == 8 and config.bits == 4:
             wide.append(node.name)
         name = node.input[1]
         weight = numpy_helper.to_array(graph.initializer[weights[name]])
-        packed, scales, zeros = fit_blocks(weight, bits, config.block_size, config.symmetric)
+        if name in fitted:
+            packed, scales, zeros = fitted.pop(name)
+            if scales.shape[0] != weight.shape[1]:
+                raise ExportError(f"GPTQ's {name} has {scales.shape[0]} columns, the graph's {weight.shape[1]}.")
+        else:
+            packed, scales, zeros = fit_blocks(weight, bits, config.block_size, config.symmetric)
+        scales = scales.astype(weight.dtype)  # the kernel takes scales in the activations' type (fp16 on CUDA)
         inputs = [node.input[0]]
         for suffix, array in (("_Q", packed), ("_scales", scales), ("_zero_points", zeros)):
             if array is not None:
