@@ -63,15 +63,15 @@ def quantize(model: onnx.ModelProto, out_graph: Path, config: QuantConfig, fitte
         return {"method": "none", "precision": "fp32"}
     if config.block_size < 16 or config.block_size & (config.block_size - 1):
         raise ExportError(f"block size {config.block_size} must be a power of two of at least 16.")
-    wide = _fit_matmuls(model, config, fitted or {})
+    fit = "GPTQ on the source's own answers, block scales by search (export/gptq.py)" if fitted else \
+        "scale search per block (export/block_fit.py)"
+    wide = _fit_matmuls(model, config, dict(fitted or {}))
     if config.quantize_embedding and config.bits == 4:  # GatherBlockQuantized takes 4 bits only
         model = _quantize_embedding(model, config)
     ops = Counter(n.op_type for n in model.graph.node)
     if ops["MatMulNBits"] == 0:
         raise ExportError("quantization produced no MatMulNBits node; the graph has no constant MatMul weights.")
     _save(model, out_graph)
-    fit = "GPTQ on the source's own answers, block scales by search (export/gptq.py)" if fitted else \
-        "scale search per block (export/block_fit.py)"
     return {"method": "MatMulNBits", "fit": fit, **asdict(config),
             "bits": config.bits, "int8_nodes": len(wide),
             "nodes": {"MatMulNBits": ops["MatMulNBits"], "GatherBlockQuantized": ops["GatherBlockQuantized"],
@@ -90,7 +90,7 @@ def _fit_matmuls(model: onnx.ModelProto, config: QuantConfig, fitted: dict) -> l
     weights = {t.name: i for i, t in enumerate(graph.initializer)}
     matmuls = [i for i, node in enumerate(graph.node) if node.op_type == "MatMul" and node.input[1] in weights]
     wide, drop = [], set()
-    for index in count_bar(matmuls, "fitting blocks", "MatMul"):  # minutes for the 1.5B
+    for index in count_bar(matmuls, "MatMulNBits", "MatMul"):  # minutes for the 1.5B
         node = graph.node[index]
         bits = config.bits_for(node.name)
         if bits == 8 and config.bits == 4:

@@ -42,6 +42,8 @@ def test_manifest_describes_the_artifact(tiny_int4):
     q = m["quantization"]
     assert (q["method"], q["bits"], q["block_size"], q["symmetric"], q["accuracy_level"]) == \
         ("MatMulNBits", 4, 32, False, 4)
+    assert q["gptq"] and "GPTQ" in q["fit"]
+    assert any(title.startswith("GPTQ") for title in m["export"]["step_seconds"])
     assert m["chat"]["family"] == "deepseek-r1"
     assert m["chat"]["think"] == {"open": "<think>", "close": "</think>", "open_id": 151648, "close_id": 151649,
                                   "opened_in_prompt": True}
@@ -82,6 +84,14 @@ def test_int4_parity_is_reported(tiny_int4):
     parity = read_manifest(tiny_int4)["parity"]
     assert 0.0 <= parity["agreement"] <= 1.0 and parity["max_abs_logit_diff"] > 0
     assert parity["threshold"] == 0.0 and parity["passed"]
+
+
+def test_without_gptq_the_blocks_are_fitted_alone(tiny_hf_dir, tmp_path):
+    out = export_model(str(tiny_hf_dir), tmp_path / "nogptq", QuantConfig(gptq=False), min_agreement=0.0)
+    m = read_manifest(out)
+    assert not m["quantization"]["gptq"] and "block_fit" in m["quantization"]["fit"]
+    assert not any(title.startswith("GPTQ") for title in m["export"]["step_seconds"])
+    assert _ops(out)["MatMulNBits"] == 2 * 4 + 1
 
 
 def test_int8_option(tiny_hf_dir, tmp_path):
