@@ -41,8 +41,8 @@ def fit_blocks(weight: np.ndarray, bits: int, block: int, symmetric: bool = Fals
     for lo in range(0, rows.shape[0], _ROWS_PER_CHUNK):
         hi = min(lo + _ROWS_PER_CHUNK, rows.shape[0])
         q[lo:hi], scales[lo:hi], zeros[lo:hi] = search(rows[lo:hi], (1 << bits) - 1, symmetric)
-    return pack(q.reshape(n, blocks, block), scales.reshape(n, blocks), None if symmetric else zeros.reshape(n, blocks),
-                bits)
+    zeros = None if symmetric else zeros.reshape(n, blocks)
+    return pack(q.reshape(n, blocks, block), scales.reshape(n, blocks), zeros, bits)
 
 
 def pack(levels: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int

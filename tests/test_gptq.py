@@ -35,7 +35,8 @@ def _matmulnbits(x: np.ndarray, packed, scales, zeros, bits: int, block: int) ->
                             K=K, N=N, bits=bits, block_size=block, accuracy_level=0)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])], inputs)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {"A": x})[0]
 
