@@ -65,7 +65,7 @@ def quantize(model: onnx.ModelProto, out_graph: Path, config: QuantConfig, fitte
         raise ExportError(f"block size {config.block_size} must be a power of two of at least 16.")
     fit = "GPTQ on the source's own answers, block scales by search (export/gptq.py)" if fitted else \
         "scale search per block (export/block_fit.py)"
-    wide = _fit_matmuls(model, config, dict(fitted or {}))
+    wide = _fit_matmuls(model, config, fitted or {})
     if config.quantize_embedding and config.bits == 4:  # GatherBlockQuantized takes 4 bits only
         model = _quantize_embedding(model, config)
     ops = Counter(n.op_type for n in model.graph.node)
@@ -96,14 +96,16 @@ def _fit_matmuls(model: onnx.ModelProto, config: QuantConfig, fitted: dict) -> l
         if bits == 8 and config.bits == 4:
             wide.append(node.name)
         name = node.input[1]
-        weight = numpy_helper.to_array(graph.initializer[weights[name]])
-        if name in fitted:
-            packed, scales, zeros = fitted.pop(name)
-            if scales.shape[0] != weight.shape[1]:
-                raise ExportError(f"GPTQ's {name} has {scales.shape[0]} columns, the graph's {weight.shape[1]}.")
+        weight = graph.initializer[weights[name]]
+        (k, n), dtype = weight.dims, helper.tensor_dtype_to_np_dtype(weight.data_type)
+        if name in fitted:  # GPTQ's: the fp32 weight need not be read at all
+            packed, scales, zeros = fitted[name]
+            if scales.shape[0] != n:
+                raise ExportError(f"GPTQ's {name} has {scales.shape[0]} columns, the graph's {n}.")
         else:
-            packed, scales, zeros = fit_blocks(weight, bits, config.block_size, config.symmetric)
-        scales = scales.astype(weight.dtype)  # the kernel takes scales in the activations' type (fp16 on CUDA)
+            packed, scales, zeros = fit_blocks(numpy_helper.to_array(weight), bits, config.block_size,
+                                               config.symmetric)
+        scales = scales.astype(dtype)  # the kernel takes scales in the activations' type (fp16 on CUDA)
         inputs = [node.input[0]]
         for suffix, array in (("_Q", packed), ("_scales", scales), ("_zero_points", zeros)):
             if array is not None:
@@ -111,7 +113,7 @@ def _fit_matmuls(model: onnx.ModelProto, config: QuantConfig, fitted: dict) -> l
                 inputs.append(name + suffix)
         graph.node[index].CopyFrom(helper.make_node(
             "MatMulNBits", inputs, list(node.output),
-            name=node.name, domain="com.microsoft", K=weight.shape[0], N=weight.shape[1], bits=bits,
+            name=node.name, domain="com.microsoft", K=k, N=n, bits=bits,
             block_size=config.block_size, accuracy_level=config.accuracy_level))
         drop.add(name)
     if config.int8_layers and config.bits == 4 and not wide:
