@@ -75,8 +75,9 @@ def export_model(spec: str, out: Path, quant: QuantConfig = QuantConfig(), min_a
             report["threshold"] = min_agreement
             report["passed"] = report["agreement"] >= min_agreement
             say(f"  agreement {report['agreement']:.3f} (threshold {min_agreement}; lowest prompt "
-                f"{report['lowest_agreement']:.3f}), max |Δ logits| "
-                f"{report['max_abs_logit_diff']:.2f}")
+                f"{report['lowest_agreement']:.3f}); where the source leads by {report['near_tie_logits']} logits "
+                f"or more {report['agreement_where_sure']:.3f} (lowest {report['lowest_agreement_where_sure']:.3f}); "
+                f"max |Δ logits| {report['max_abs_logit_diff']:.2f}")
         if not report["passed"]:
             raise ExportError(
                 f"parity check failed: top-1 agreement {report['agreement']:.3f} is below {min_agreement}. Try "
