@@ -6,23 +6,16 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
-from tests.conftest import write_config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port, write_config
 
 
 def test_serve_answers_wechat_sim_and_stops_on_sigterm(tiny_fp32, tmp_path):
-    port = _free_port()
+    port = free_port()
     config = write_config(tmp_path, tiny_fp32, '[engine]\nmax_batch = 2\nmax_length = 256\n'
                           'think_budget = 4\n[wechat]\napp_id = "wx-serve-test"\nmode = "compat"\n'
                           '[wecom]\ncorp_id = "ww-serve"\n[dialog]\nmax_tokens = 8\n'

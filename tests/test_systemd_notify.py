@@ -13,13 +13,12 @@ import urllib.request
 import pytest
 
 from appliance.model.gpu_preflight import nvidia_preflight
-from tests.conftest import write_config
-from tests.test_serve import _free_port
+from tests.conftest import free_port, write_config
 
 
 @pytest.mark.parametrize("command", ["serve", "model"])
 def test_ready_after_listening_then_watchdog_then_stopping(tiny_fp32, tmp_path, command):
-    port = _free_port()
+    port = free_port()
     section = "server" if command == "serve" else "model_server"
     config = write_config(tmp_path, tiny_fp32, f"[{section}]\nport = {port}\n")
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
