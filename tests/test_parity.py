@@ -28,4 +28,3 @@ def test_near_ties_are_counted_apart_from_the_positions_where_the_source_was_sur
     assert case["agreement_where_sure"] == round(30 / 31, 4)
     assert report["lowest_agreement_where_sure"] == report["agreement_where_sure"] == case["agreement_where_sure"]
     assert report["near_tie_logits"] == NEAR_TIE
-
