@@ -9,18 +9,18 @@ default:
     @just --list
 
 # install everything, fetch and export the default model (once), and chat with it
-chat *ARGS: install
+chat *ARGS: install kernel
     {{venv}}/bin/r1box chat {{ARGS}}
 
 # install everything and run the whole test suite (the real 0.5B model and the firmware image included); the
 # drills of many minutes are `just drill`'s
-test *ARGS: install promtool chromium image-tools ha-tools
+test *ARGS: install kernel promtool chromium image-tools ha-tools
     {{python}} -m pytest -m "not drill" {{ARGS}}
 
 # the fault drills of many minutes, each printing what it measured: the hot-standby pair's fault plan (a table,
 # also in drill-results/ha.json; `just drill tests/test_ha_drills.py` for it alone, about 10 minutes), and an
 # update of the booted image kept, then a broken one rolled back (about 20 minutes under emulation)
-drill *ARGS: install image-tools ha-tools
+drill *ARGS: install kernel image-tools ha-tools
     {{python}} -m pytest -m drill -s {{ARGS}}
 
 # what a hot-standby pair runs beside r1box, from Debian: keepalived, sshd (the store's copy arrives through it),
@@ -43,7 +43,7 @@ ha-tools:
         apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }
 
 # fast tests only: the tiny random model, no 0.5 GB download
-test-fast *ARGS: install promtool chromium ha-tools
+test-fast *ARGS: install kernel promtool chromium ha-tools
     {{python}} -m pytest -m "not slow" {{ARGS}}
 
 # promtool, for the alert-rule test: unpacked (not installed) from Debian's prometheus package into the cache
@@ -80,16 +80,16 @@ admin-add-user NAME ROLE="admin" *ARGS: install
     {{venv}}/bin/r1box admin add-user {{NAME}} --role {{ROLE}} {{ARGS}}
 
 # the model service: the engine behind its OpenAI-compatible API ([model_server], 127.0.0.1:8081 by default)
-model *ARGS: install
+model *ARGS: install kernel
     {{venv}}/bin/r1box model {{ARGS}}
 
 # the service: WeChat callbacks, dialog, store, admin pages ([server], 127.0.0.1:8080); its model is `just model`
-serve *ARGS: install
+serve *ARGS: install kernel
     {{venv}}/bin/r1box serve {{ARGS}}
 
 # r1box against onnxruntime-genai and llama.cpp (built natively once, about 20 minutes) on the same model and
 # machine (default: the 1.5B); ends with one JSON line
-bench MODEL="qwen2.5-coder-1.5b-instruct" THREADS="2": install build-tools
+bench MODEL="qwen2.5-coder-1.5b-instruct" THREADS="2": install build-tools kernel
     #!/usr/bin/env bash
     set -euo pipefail
     cache="${R1BOX_CACHE:-$HOME/.cache/r1box}"
@@ -100,6 +100,21 @@ bench MODEL="qwen2.5-coder-1.5b-instruct" THREADS="2": install build-tools
     {{python}} -m appliance.bench.run --artifact "$artifact" --threads {{THREADS}} --out bench-results \
         --anchor-python "$anchor_python" --anchor-model "$cache/genai-models/{{MODEL}}-int4" \
         --llama-bin "$llama_bin" --gguf "$gguf"
+
+# r1box's int4 kernel for x86 CPUs with AVX512-VNNI (appliance/model/int4_kernel.py), built once per source with
+# g++ against Debian's onnxruntime headers, in seconds; without g++ and root it is skipped and MatMulNBits serves
+kernel: install
+    #!/usr/bin/env bash
+    set -euo pipefail
+    [ "$(uname -m)" = x86_64 ] || exit 0
+    if ! command -v g++ >/dev/null; then
+        [ "$(id -u)" -eq 0 ] || { echo "no g++: the int4 kernel is skipped (sudo apt-get install g++, then just kernel)" >&2; exit 0; }
+        echo "installing g++ for the int4 kernel" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -qq --no-install-recommends g++ >/dev/null 2>&1 || {
+            apt-get update -qq && apt-get install -y -qq --no-install-recommends g++ >/dev/null; }
+    fi
+    {{python}} -m appliance.model.int4_kernel >/dev/null
 
 # cmake and a C++ compiler, from Debian, for llama.cpp's native build (a no-op once installed)
 [private]
@@ -119,7 +134,7 @@ build-tools:
 bench-quick THREADS="2": (bench "qwen2.5-coder-0.5b-instruct" THREADS)
 
 # score artifacts or backend URLs on the evaluation set (appliance/release/evalset/): a table, and --out JSON
-eval *TARGETS: install
+eval *TARGETS: install kernel
     {{venv}}/bin/r1box eval {{TARGETS}}
 
 # export a model (catalog name, HF directory or .gguf) into an artifact directory
@@ -144,11 +159,11 @@ install-gpu: install
     {{python}} -m pip install --quiet onnxruntime-gpu ".[gpu]"
 
 # the firmware image (x86-64 UEFI, A/B root slots, data and CONFIG partitions): `just image` or `just image arch=arm64`
-image ARCH="amd64": install (image-tools trim_start_match(ARCH, "arch="))
+image ARCH="amd64": install kernel (image-tools trim_start_match(ARCH, "arch="))
     {{python}} -m firmware_image.images --arch "{{trim_start_match(ARCH, "arch=")}}"
 
 # boot the image in QEMU, wait for /healthz, answer a WeChat message; prints boot-to-healthy, keeps the serial log
-image-test ARCH="amd64": install (image-tools trim_start_match(ARCH, "arch="))
+image-test ARCH="amd64": install kernel (image-tools trim_start_match(ARCH, "arch="))
     {{python}} -m firmware_image.boot_check --arch "{{trim_start_match(ARCH, "arch=")}}" --logs image-test-logs
 
 # what building and booting the image needs, from Debian (a no-op once installed); a foreign architecture also

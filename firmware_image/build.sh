@@ -11,12 +11,13 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
-arch=amd64 artifact="" out=""
+arch=amd64 artifact="" out="" int4_kernel=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --arch) arch=$2; shift 2 ;;
         --artifact) artifact=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
+        --int4-kernel) int4_kernel=$2; shift 2 ;;  # appliance/model/int4_kernel.py's library (x86-64)
         *) echo "build.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -93,6 +94,7 @@ step "3/6 model artifact and unified kernel image"
 mkdir -p "$work/root/usr/share/r1box/model"
 cp -r "$artifact"/. "$work/root/usr/share/r1box/model/"
 chmod -R u=rwX,go=rX "$work/root/usr/share/r1box/model"  # the cache's files may be the builder's alone
+[ -z "$int4_kernel" ] || install -m 0644 "$int4_kernel" "$work/root/usr/lib/r1box/libr1box_int4.so"
 kernel=$(ls "$work"/root/boot/vmlinuz-* | sort -V | tail -1)
 initrd=$(ls "$work"/root/boot/initrd.img-* | sort -V | tail -1)
 if [ "$(od -An -N2 -tx1 "$kernel" | tr -d ' ')" = 1f8b ]; then

@@ -47,8 +47,13 @@ def build(arch: str = "amd64") -> Path:
         print(f"==> reusing {image} (inputs unchanged)", file=sys.stderr)
         return image
     _prune(keep=out)
+    kernel = []
+    if arch == "amd64":  # the box's CPU decides at boot whether it runs; the library goes in either way
+        from appliance.model.int4_kernel import build as build_int4_kernel
+
+        kernel = ["--int4-kernel", str(build_int4_kernel())]
     subprocess.run([str(REPO / "firmware_image/build.sh"), "--arch", arch, "--artifact", str(artifact),
-                    "--out", str(out)], check=True, stdin=subprocess.DEVNULL)
+                    "--out", str(out), *kernel], check=True, stdin=subprocess.DEVNULL)
     return image
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from appliance.errors import ArtifactError
+from appliance.model import int4_kernel
 from appliance.model.hugepages import collapse_anonymous_memory
 from appliance.model.kv_cache import KvCache
 from appliance.model.manifest import Manifest
@@ -42,7 +43,8 @@ def pick_provider(wanted: str = "auto") -> str:
 
 
 class Decoder:
-    def __init__(self, manifest: Manifest, threads: int | None = None, provider: str = "cpu", huge_pages: bool = True):
+    def __init__(self, manifest: Manifest, threads: int | None = None, provider: str = "cpu", huge_pages: bool = True,
+                 int4: bool = True):
         if manifest.kv.kind != "gqa-shared":
             raise ArtifactError(f"{manifest.directory}: KV layout {manifest.kv.kind!r} is not the shared-buffer "
                                 "layout this runtime drives. Export the model again with this version of r1box.")
@@ -59,8 +61,9 @@ class Decoder:
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        graph = self._graph(options, int4 and provider == "cpu")
         try:
-            self.session = ort.InferenceSession(str(manifest.graph_path), options, providers=[PROVIDERS[provider]])
+            self.session = ort.InferenceSession(graph, options, providers=[PROVIDERS[provider]])
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ArtifactError(f"{manifest.graph_path}: onnxruntime cannot load the graph on {provider} ({e}). "
                                 "Export the model again with this version of r1box.") from None
@@ -68,6 +71,27 @@ class Decoder:
         self.device = "cuda" if provider == "cuda" else "cpu"
         if huge_pages and provider == "cpu":
             collapse_anonymous_memory()  # the weights are in place now; the KV cache comes later and stays small
+
+    def _graph(self, options: ort.SessionOptions, int4: bool) -> str | bytes:
+        """The artifact's graph, or on a CPU that has the instructions its MatMulNBits as r1box's int4 kernel
+        (appliance/model/int4_kernel.py); the repacked weights stay referenced for the session's life."""
+        self.int4_matmuls, self._int4_weights = 0, []
+        why_not = int4_kernel.unavailable() if int4 else "turned off"
+        if why_not is not None:
+            if int4:
+                log.info("int4 kernel: not used (%s); onnxruntime's MatMulNBits serves", why_not)
+            return str(self.manifest.graph_path)
+        rewritten = int4_kernel.rewrite(self.manifest.graph_path)
+        if rewritten.matmuls == 0:
+            return str(self.manifest.graph_path)
+        options.register_custom_ops_library(str(int4_kernel.built_library()))
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(self.manifest.graph_path.parent))
+        options.add_external_initializers(rewritten.names,
+                                          [ort.OrtValue.ortvalue_from_numpy(a) for a in rewritten.arrays])
+        self.int4_matmuls, self._int4_weights = rewritten.matmuls, rewritten.arrays
+        log.info("int4 kernel: %d MatMuls on r1box's AVX512-VNNI kernel", rewritten.matmuls)
+        return rewritten.model
 
     def new_cache(self, slots: int, max_length: int) -> KvCache:
         max_length = min(max_length, self.manifest.arch["context"])
@@ -120,13 +144,13 @@ class Decoder:
 
 
 def open_decoder(manifest: Manifest, provider: str = "auto", threads: int | None = None,
-                 huge_pages: bool = True) -> tuple[Decoder, str | None]:
+                 huge_pages: bool = True, int4: bool = True) -> tuple[Decoder, str | None]:
     """The decoder on the wanted provider; if CUDA will not start, the CPU one and the reason it had to be."""
     chosen = pick_provider(provider)
     try:
-        return Decoder(manifest, threads, chosen, huge_pages), None
+        return Decoder(manifest, threads, chosen, huge_pages, int4), None
     except ArtifactError as e:
         if chosen == "cpu":
             raise
         log.error("the CUDA provider did not start (%s); serving on the CPU instead", e)
-        return Decoder(manifest, threads, "cpu", huge_pages), f"CUDA did not start: {e}"[:300]
+        return Decoder(manifest, threads, "cpu", huge_pages, int4), f"CUDA did not start: {e}"[:300]

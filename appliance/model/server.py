@@ -52,9 +52,10 @@ def open_chat(model: ModelConfig, engine_config: EngineConfig, metrics: Metrics 
     manifest = load_manifest(artifact)
     threads = model.threads or None
     provider, preflight_reason = nvidia_preflight(model.provider, artifact)
-    decoder, reason = open_decoder(manifest, provider, threads, model.huge_pages)
+    decoder, reason = open_decoder(manifest, provider, threads, model.huge_pages, model.int4_kernel)
     reason = preflight_reason or reason
-    on_cpu = (lambda: Decoder(manifest, threads, "cpu", model.huge_pages)) if decoder.provider != "cpu" else None
+    on_cpu = (lambda: Decoder(manifest, threads, "cpu", model.huge_pages, model.int4_kernel)) \
+        if decoder.provider != "cpu" else None
     engine = Engine(decoder, engine_config, stop_ids=frozenset(manifest.chat["stop_ids"]),
                     think=manifest.chat.get("think"), fallback=on_cpu)
     if reason:

@@ -1,0 +1,278 @@
+"""r1box's int4 MatMul for x86 CPUs with AVX512-VNNI (kernels/matmul_int4.cc), swapped in for MatMulNBits at load.
+
+onnxruntime's MatMulNBits (int8 activations, accuracy level 4) unpacks each block of weights for one row of
+activations at a time, so a batched decode step of 16 sequences costs almost 16 single steps: on two cores of this
+project's EPYC it reaches 106 / 161 G multiply-adds/s at 1 / 16 rows. Our op does the same arithmetic (the same
+int8 blocks of activations, whole-number dot products, the two scales after) with weights laid out for vpdpbusd:
+each 32-bit lane is an output column, so one unpacked block serves every row and nothing is summed across lanes.
+Its outputs equal MatMulNBits's to float rounding (about 1e-7 of the largest), and its single row is no slower.
+
+The artifact stays standard MatMulNBits (the CUDA provider and ARM boxes run it as it is): at load, on a CPU that
+has the instructions and with the library built, each eligible MatMulNBits node becomes ai.r1box's MatMulInt4 and
+its weights are repacked once into new buffers that onnxruntime uses in place (add_external_initializers); the
+original tensors are never loaded, so memory stays the same.
+
+The library is built once per source (`just kernel`, or `python -m appliance.model.int4_kernel`) with g++ against
+onnxruntime's C API headers: the PyPI wheels ship none, Debian's libonnxruntime-dev does (trixie's, fetched by
+checksum). The C API is versioned and append-only, so a library built on 1.21's headers runs in later onnxruntimes.
+The firmware image carries it at INSTALLED.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from appliance.errors import R1boxError
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "ai.r1box"
+OP = "MatMulInt4"
+SOURCE = Path(__file__).with_name("kernels") / "matmul_int4.cc"
+INSTALLED = Path("/usr/lib/r1box/libr1box_int4.so")
+HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
+               "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+COMPILE = ("-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fPIC", "-shared")
+LANES = 16  # output columns per tile: one zmm register of 32-bit sums
+_CHUNK = 4096  # columns repacked at a time: the unpacked levels of a vocabulary projection would be 230 MB at once
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("R1BOX_CACHE") or Path.home() / ".cache" / "r1box") / "kernels"
+
+
+def _key() -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(" ".join(COMPILE).encode() + HEADERS_DEB[1].encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_library() -> Path:
+    return cache_dir() / f"libr1box_int4-{_key()}.so"
+
+
+def built_library() -> Path | None:
+    """The library for this source: the cache's build, else the firmware image's copy."""
+    for path in (cache_library(), INSTALLED):
+        if path.is_file():
+            return path
+    return None
+
+
+def cpu_supports(cpuinfo: str | None = None) -> bool:
+    if cpuinfo is None:
+        if platform.machine() not in ("x86_64", "AMD64"):
+            return False
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return all(flag in flags for flag in CPU_FLAGS)
+
+
+def unavailable() -> str | None:
+    """Why the kernel cannot run here, or None when it can."""
+    if not cpu_supports():
+        return f"this CPU lacks {'/'.join(CPU_FLAGS)}"
+    if built_library() is None:
+        return "its library is not built (just kernel)"
+    return None
+
+
+def build() -> Path:
+    """Compile the library into the cache (a no-op when this source is built); returns its path."""
+    target = cache_library()
+    if target.is_file():
+        return target
+    compiler = shutil.which("g++")
+    if compiler is None:
+        raise R1boxError("building the int4 kernel needs g++: apt-get install g++ (or `just kernel`, which does).")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    headers = _headers()
+    print(f"building the int4 kernel into {target}", file=sys.stderr)
+    partial = target.with_suffix(".partial")
+    done = subprocess.run([compiler, *COMPILE, f"-I{headers}", str(SOURCE), "-o", str(partial)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise R1boxError(f"g++ could not build {SOURCE.name}:\n{done.stderr[-2000:]}")
+    os.replace(partial, target)
+    return target
+
+
+def _headers() -> Path:
+    """onnxruntime's C/C++ API headers: Debian's when libonnxruntime-dev is installed, else from its package."""
+    system = Path("/usr/include/onnxruntime")
+    if (system / "onnxruntime_cxx_api.h").is_file():
+        return system
+    include = cache_dir() / f"onnxruntime-headers-{HEADERS_DEB[1][:12]}"
+    if (include / "onnxruntime_cxx_api.h").is_file():
+        return include
+    url, sha256 = HEADERS_DEB
+    print(f"fetching onnxruntime's headers: {url}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            package = response.read()
+    except OSError as e:
+        raise R1boxError(f"cannot fetch {url} ({e}): the int4 kernel needs onnxruntime's headers; install "
+                         "libonnxruntime-dev from Debian trixie or reach deb.debian.org.") from None
+    if hashlib.sha256(package).hexdigest() != sha256:
+        raise R1boxError(f"{url} does not match its checksum: refusing it.")
+    with tempfile.TemporaryDirectory() as work:
+        deb = Path(work) / "headers.deb"
+        deb.write_bytes(package)
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(Path(work) / "root")], check=True)
+        shutil.rmtree(include, ignore_errors=True)
+        shutil.copytree(Path(work) / "root/usr/include/onnxruntime", include)
+    return include
+
+
+@dataclass
+class Rewritten:
+    """A graph whose eligible MatMulNBits read repacked weights; `arrays` must outlive the session."""
+
+    model: bytes
+    names: list[str] = field(default_factory=list)
+    arrays: list[np.ndarray] = field(default_factory=list)
+    matmuls: int = 0
+
+
+def eligible(attrs: dict, inputs: int) -> bool:
+    """MatMulNBits nodes this op computes exactly as onnxruntime would: 4 bits, int8 activations, whole blocks of
+    a multiple of 16 along K, tiles of 16 columns, integer zero points or none, no bias or group index."""
+    k, n, block = attrs.get("K", 0), attrs.get("N", 0), attrs.get("block_size", 0)
+    return (attrs.get("bits", 4) == 4 and attrs.get("accuracy_level", 0) == 4 and inputs in (3, 4) and block >= 16
+            and block % 16 == 0 and k % block == 0 and n % LANES == 0 and n > 0)
+
+
+def pack(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, n: int, k: int, block: int
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MatMulNBits's tensors → MatMulInt4's: weights [N/16][K/block][block/8][64] (byte 4j+i of group g: column j's
+    k = 8g+i low, 8g+4+i high), scales and zero points as float [N/16][K/block][16]."""
+    blocks = k // block
+    b = b.reshape(n, blocks, block // 2)
+    weights = np.empty((n // LANES, blocks, block // 8, 64), np.uint8)
+    for lo in range(0, n, _CHUNK):
+        part = np.asarray(b[lo:lo + _CHUNK])
+        levels = np.stack([part & 15, part >> 4], -1).reshape(-1, LANES, blocks, block // 8, 2, 4)
+        levels = levels.transpose(0, 2, 3, 1, 5, 4)  # tile, block, group, column, i, low/high
+        weights[lo // LANES:(lo + part.shape[0]) // LANES] = (levels[..., 0] | (levels[..., 1] << 4)).reshape(
+            -1, blocks, block // 8, 64)
+    if zero_points is None:
+        zeros = np.full((n, blocks), 8, np.float32)  # MatMulNBits's default for 4 bits
+    else:
+        zeros = np.stack([zero_points & 15, zero_points >> 4], -1).reshape(n, -1)[:, :blocks].astype(np.float32)
+    by_tile = lambda x: np.ascontiguousarray(x.reshape(n // LANES, LANES, blocks).transpose(0, 2, 1)).reshape(-1)
+    return weights.reshape(-1), by_tile(np.asarray(scales, np.float32)), by_tile(zeros)
+
+
+def rewrite(graph_path: Path) -> Rewritten:
+    """The graph at graph_path with its eligible MatMulNBits as MatMulInt4, their weights repacked."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(graph_path), load_external_data=False)
+    graph = model.graph
+    tensors = {t.name: t for t in graph.initializer}
+    data = _TensorReader(graph_path.parent)
+    out = Rewritten(b"")
+    nodes = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if not (node.op_type == "MatMulNBits" and node.domain == "com.microsoft" and eligible(attrs, len(node.input))
+                and all(name in tensors for name in node.input[1:])
+                and (len(node.input) < 4 or tensors[node.input[3]].data_type == onnx.TensorProto.UINT8)):
+            nodes.append(node)
+            continue
+        k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
+        zero_points = data.read(tensors[node.input[3]]) if len(node.input) == 4 else None
+        packed = pack(data.read(tensors[node.input[1]]), data.read(tensors[node.input[2]]), zero_points, n, k, block)
+        names = [f"{node.input[1]}.{suffix}" for suffix in ("int4x16", "scales16", "zeros16")]
+        for name, array in zip(names, packed):
+            graph.initializer.append(_declared(name, array, tensors[node.input[1]]))
+        out.names += names
+        out.arrays += packed
+        nodes.append(helper.make_node(OP, [node.input[0], *names], list(node.output), name=node.name, domain=DOMAIN,
+                                      K=k, N=n, block_size=block))
+        out.matmuls += 1
+    data.close()
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    out.model = model.SerializeToString()
+    return out
+
+
+def _declared(name: str, array: np.ndarray, beside):
+    """A TensorProto that names its data as external, in the file of `beside`: onnxruntime requires every
+    initializer to be declared, add_external_initializers supplies the bytes, and the file is never read for it."""
+    from onnx import TensorProto, helper
+
+    tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=[array.size])
+    tensor.data_location = TensorProto.EXTERNAL
+    location = next((e.value for e in beside.external_data if e.key == "location"), "")
+    for key, value in (("location", location), ("offset", "0"), ("length", str(array.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+class _TensorReader:
+    """Initializers' bytes, from their external files (mapped, not loaded) or from the graph itself."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.files: dict[str, np.memmap] = {}
+
+    def read(self, tensor) -> np.ndarray:
+        from onnx import helper, numpy_helper
+
+        if tensor.data_location != tensor.EXTERNAL:
+            return numpy_helper.to_array(tensor)
+        info = {e.key: e.value for e in tensor.external_data}
+        if info["location"] not in self.files:
+            self.files[info["location"]] = np.memmap(self.folder / info["location"], np.uint8, "r")
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        offset = int(info.get("offset", 0))
+        length = int(info.get("length", 0)) or int(np.prod(tensor.dims)) * np.dtype(dtype).itemsize
+        return self.files[info["location"]][offset:offset + length].view(dtype)
+
+    def close(self) -> None:
+        self.files.clear()  # unmapped once the last view of them is gone
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        print(f"the int4 kernel is for x86-64; on {platform.machine()} onnxruntime's MatMulNBits serves",
+              file=sys.stderr)
+        return
+    try:
+        print(build())
+    except R1boxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
+    if not cpu_supports():
+        print(f"note: this CPU lacks {'/'.join(CPU_FLAGS)}; the library is for boxes that have them",
+              file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

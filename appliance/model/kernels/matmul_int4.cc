@@ -1,0 +1,202 @@
+// MatMulInt4 (domain ai.r1box): Y = A · Wᵀ for int4 weights in blocks along K with a scale and a zero point each,
+// the arithmetic of onnxruntime's MatMulNBits at accuracy level 4 (activations quantized to int8 per block), laid
+// out so that one unpacked block of weights serves every row of A: lanes are 16 output columns, each 32-bit lane
+// accumulates 4 consecutive k (AVX512-VNNI's vpdpbusd), so a batched step reads its weights once and never sums
+// across lanes.
+//
+// W: [N/16][K/block][block/8][64] bytes; byte 4j+i of group g holds column j's k = 8g+i in its low nibble and
+//    k = 8g+4+i in its high one. scales, zeros: float [N/16][K/block][16].
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kLanes = 16;     // output columns per tile
+constexpr int64_t kMaxRows = 16;   // rows of A sharing one pass over a tile's weights
+constexpr int64_t kTilesPerTask = 4;
+
+struct Quantized {  // A in int8, per row and block: the scale and the sum of the levels (for the zero points)
+  std::vector<int8_t> levels;
+  std::vector<float> scales, sums;
+};
+
+void quantize(const float* a, int64_t rows, int64_t k, int64_t block, Quantized& q) {
+  const int64_t blocks = k / block;
+  q.levels.resize(rows * k);
+  q.scales.resize(rows * blocks);
+  q.sums.resize(rows * blocks);
+  for (int64_t r = 0; r < rows; r++) {
+    for (int64_t b = 0; b < blocks; b++) {
+      const float* x = a + r * k + b * block;
+      __m512 top = _mm512_setzero_ps();
+      for (int64_t i = 0; i < block; i += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+      const float amax = _mm512_reduce_max_ps(top), scale = amax / 127.0f;
+      // 127 / amax rather than 1 / scale, as onnxruntime's MLAS does: hidden states built from quantized
+      // embeddings put many values on exact halves of a level, where the two round apart
+      const __m512 inverse = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+      __m512i sum = _mm512_setzero_si512();
+      int8_t* out = q.levels.data() + r * k + b * block;
+      for (int64_t i = 0; i < block; i += 16) {
+        const __m512i level = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), inverse));  // to nearest even
+        sum = _mm512_add_epi32(sum, level);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtsepi32_epi8(level));
+      }
+      q.scales[r * blocks + b] = scale;
+      q.sums[r * blocks + b] = static_cast<float>(_mm512_reduce_add_epi32(sum));
+    }
+  }
+}
+
+struct Step {
+  const Quantized* a;
+  const uint8_t* weights;
+  const float *scales, *zeros;
+  float* y;
+  int64_t rows, k, n, block;
+};
+
+template <int Rows>
+void tile_rows(const Step& s, int64_t tile, int64_t row0) {
+  // vpdpbusd's latency is several cycles: with few rows, each row gets several accumulators so that enough
+  // independent sums are in flight (low and high nibbles apart, and alternate groups apart)
+  constexpr int kChains = Rows >= 8 ? 1 : Rows >= 4 ? 2 : 4;
+  const int64_t blocks = s.k / s.block, groups = s.block / 8;
+  const int8_t* levels = s.a->levels.data() + row0 * s.k;
+  const float* a_scales = s.a->scales.data() + row0 * blocks;
+  const float* a_sums = s.a->sums.data() + row0 * blocks;
+  const __m512i nibble = _mm512_set1_epi8(15);
+  __m512 out[Rows];
+  for (int r = 0; r < Rows; r++) out[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; b++) {
+    __m512i dot[Rows][kChains];
+    for (int r = 0; r < Rows; r++)
+      for (int c = 0; c < kChains; c++) dot[r][c] = _mm512_setzero_si512();
+    const uint8_t* w = s.weights + ((tile * blocks + b) * groups) * 64;
+    const int8_t* x = levels + b * s.block;
+    for (int64_t g = 0; g < groups; g++) {
+      const __m512i packed = _mm512_loadu_si512(w + g * 64);
+      const __m512i low = _mm512_and_si512(packed, nibble);
+      const __m512i high = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+      const int c_low = (kChains == 4 ? 2 * (g & 1) : 0), c_high = c_low + (kChains > 1 ? 1 : 0);
+      for (int r = 0; r < Rows; r++) {
+        int32_t first, second;
+        std::memcpy(&first, x + r * s.k + g * 8, 4);
+        std::memcpy(&second, x + r * s.k + g * 8 + 4, 4);
+        dot[r][c_low] = _mm512_dpbusd_epi32(dot[r][c_low], low, _mm512_set1_epi32(first));
+        dot[r][c_high] = _mm512_dpbusd_epi32(dot[r][c_high], high, _mm512_set1_epi32(second));
+      }
+    }
+    const __m512 w_scale = _mm512_loadu_ps(s.scales + (tile * blocks + b) * kLanes);
+    const __m512 w_zero = _mm512_loadu_ps(s.zeros + (tile * blocks + b) * kLanes);
+    for (int r = 0; r < Rows; r++) {
+      __m512i total = dot[r][0];
+      for (int c = 1; c < kChains; c++) total = _mm512_add_epi32(total, dot[r][c]);
+      // Σ a·(q − z) = Σ a·q − z·Σ a, all in whole numbers until the two scales
+      const __m512 centred = _mm512_fnmadd_ps(w_zero, _mm512_set1_ps(a_sums[r * blocks + b]), _mm512_cvtepi32_ps(total));
+      out[r] = _mm512_fmadd_ps(centred, _mm512_mul_ps(w_scale, _mm512_set1_ps(a_scales[r * blocks + b])), out[r]);
+    }
+  }
+  for (int r = 0; r < Rows; r++) _mm512_storeu_ps(s.y + (row0 + r) * s.n + tile * kLanes, out[r]);
+}
+
+using TileFn = void (*)(const Step&, int64_t, int64_t);
+template <int... R>
+constexpr auto make_table(std::integer_sequence<int, R...>) {
+  return std::array<TileFn, sizeof...(R)>{&tile_rows<R + 1>...};
+}
+constexpr auto kTileFns = make_table(std::make_integer_sequence<int, kMaxRows>{});
+
+void run_tiles(void* data, size_t task) {
+  const Step& s = *static_cast<const Step*>(data);
+  const int64_t tiles = s.n / kLanes;
+  const int64_t end = std::min<int64_t>(tiles, (task + 1) * kTilesPerTask);
+  for (int64_t tile = task * kTilesPerTask; tile < end; tile++)
+    for (int64_t row0 = 0; row0 < s.rows; row0 += kMaxRows)
+      kTileFns[std::min(kMaxRows, s.rows - row0) - 1](s, tile, row0);
+}
+
+struct Kernel {
+  int64_t k, n, block;
+
+  explicit Kernel(const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo ki(info);
+    k = ki.GetAttribute<int64_t>("K");
+    n = ki.GetAttribute<int64_t>("N");
+    block = ki.GetAttribute<int64_t>("block_size");
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    try {
+      Ort::KernelContext ctx(context);
+      const auto a = ctx.GetInput(0);
+      std::vector<int64_t> shape = a.GetTensorTypeAndShapeInfo().GetShape();
+      if (shape.empty() || shape.back() != k) Ort::ThrowOnError(Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT,
+          ("MatMulInt4: A's last dimension must be K = " + std::to_string(k)).c_str()));
+      int64_t rows = 1;
+      for (size_t i = 0; i + 1 < shape.size(); i++) rows *= shape[i];
+      shape.back() = n;
+      auto y = ctx.GetOutput(0, shape);
+      if (rows == 0) return nullptr;
+      thread_local Quantized quantized;
+      quantize(a.GetTensorData<float>(), rows, k, block, quantized);
+      Step step{&quantized, ctx.GetInput(1).GetTensorData<uint8_t>(), ctx.GetInput(2).GetTensorData<float>(),
+                ctx.GetInput(3).GetTensorData<float>(), y.GetTensorMutableData<float>(), rows, k, n, block};
+      const int64_t tasks = (n / kLanes + kTilesPerTask - 1) / kTilesPerTask;
+      ctx.ParallelFor(run_tiles, static_cast<size_t>(tasks), 0, &step);
+      return nullptr;
+    } catch (const Ort::Exception& e) {
+      return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+    } catch (const std::exception& e) {
+      return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
+    }
+  }
+};
+
+struct MatMulInt4 : Ort::CustomOpBase<MatMulInt4, Kernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new Kernel(info);
+      return nullptr;
+    } catch (const Ort::Exception& e) {
+      return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+    }
+  }
+  const char* GetName() const { return "MatMulInt4"; }
+  size_t GetInputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace
+
+extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
+  static MatMulInt4 op;
+  static Ort::CustomOpDomain* domain = [] {
+    auto* d = new Ort::CustomOpDomain("ai.r1box");  // lives as long as the process: sessions keep pointers to it
+    d->Add(&op);
+    return d;
+  }();
+  try {
+    Ort::UnownedSessionOptions(options).Add(*domain);
+  } catch (const Ort::Exception& e) {
+    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+  }
+  return nullptr;
+}

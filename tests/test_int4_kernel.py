@@ -1,0 +1,121 @@
+"""r1box's int4 kernel (appliance/model/int4_kernel.py): the same products as MatMulNBits, the same model answers.
+
+Built for real (g++ against Debian's onnxruntime headers) and run inside onnxruntime beside MatMulNBits on the
+same weights; skipped, with the reason, on a CPU without AVX512-VNNI."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from appliance.model import int4_kernel
+from appliance.model.decoder import Decoder
+from appliance.model.manifest import load_manifest
+from appliance.model.tokenizer import ChatTokenizer
+
+needs_vnni = pytest.mark.skipif(not int4_kernel.cpu_supports(), reason="this CPU lacks AVX512-VNNI: MatMulNBits serves")
+
+
+@pytest.fixture(scope="module")
+def library():
+    return int4_kernel.build()
+
+
+def _session(op: str, inputs: list[np.ndarray], k: int, n: int, block: int, library=None) -> ort.InferenceSession:
+    names = ["B", "scales", "zero_points"][:len(inputs)]
+    if op == "MatMulNBits":
+        node = helper.make_node(op, ["A", *names], ["Y"], domain="com.microsoft", K=k, N=n, bits=4,
+                                block_size=block, accuracy_level=4)
+    else:
+        node = helper.make_node(op, ["A", *names], ["Y"], domain=int4_kernel.DOMAIN, K=k, N=n, block_size=block)
+    graph = helper.make_graph([node], "one", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", "K"])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", "N"])],
+                              [numpy_helper.from_array(x, name) for x, name in zip(inputs, names)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(node.domain, 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    if library:
+        options.register_custom_ops_library(str(library))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@needs_vnni
+@pytest.mark.parametrize("k,n,block,zero_points", [(256, 96, 32, True), (384, 160, 128, True), (512, 48, 64, False),
+                                                   (1536, 2048, 128, True)])
+def test_products_equal_matmulnbits(library, k, n, block, zero_points):
+    rng = np.random.default_rng(k + n)
+    blocks = k // block
+    b = rng.integers(0, 256, (n, blocks, block // 2), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.02, n * blocks).astype(np.float32)
+    zeros = rng.integers(0, 256, n * ((blocks + 1) // 2), dtype=np.uint8) if zero_points else None
+    theirs = _session("MatMulNBits", [b, scales] + ([zeros] if zero_points else []), k, n, block)
+    ours = _session(int4_kernel.OP, list(int4_kernel.pack(b, scales, zeros, n, k, block)), k, n, block, library)
+    for rows in (1, 3, 16, 37):  # one stream, a few, a full tile of rows, and more than one tile with a remainder
+        a = rng.standard_normal((rows, k)).astype(np.float32)
+        a[:, 7] *= 40  # an outlier channel, as real hidden states have
+        expected, got = theirs.run(None, {"A": a})[0], ours.run(None, {"A": a})[0]
+        assert got.shape == (rows, n)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+@needs_vnni
+def test_a_wrong_width_is_refused(library):
+    k, n, block = 64, 16, 32
+    b = np.zeros((n, k // block, block // 2), np.uint8)
+    ours = _session(int4_kernel.OP, list(int4_kernel.pack(b, np.ones(n * 2, np.float32), None, n, k, block)),
+                    k, n, block, library)
+    with pytest.raises(Exception, match="K = 64"):
+        ours.run(None, {"A": np.zeros((1, 32), np.float32)})
+
+
+@needs_vnni
+def test_tiny_model_logits_match(library, tiny_int4):
+    manifest = load_manifest(tiny_int4)
+    theirs, ours = Decoder(manifest, threads=2, int4=False), Decoder(manifest, threads=2, int4=True)
+    assert theirs.int4_matmuls == 0 and ours.int4_matmuls == 2 * 4 + 1
+    prompt = list(range(100, 140))
+    a, b = theirs.new_cache(1, 128), ours.new_cache(1, 128)
+    expected, got = theirs.prefill(a, 0, prompt), ours.prefill(b, 0, prompt)
+    for token in (5, 17, 99):
+        np.testing.assert_allclose(got, expected, rtol=0, atol=2e-3 * np.abs(expected).max())
+        expected, got = theirs.decode(a, 0, token), ours.decode(b, 0, token)
+
+
+def test_without_the_library_matmulnbits_serves(tiny_int4, monkeypatch, tmp_path):
+    monkeypatch.setenv("R1BOX_CACHE", str(tmp_path))
+    monkeypatch.setattr(int4_kernel, "INSTALLED", tmp_path / "absent.so")
+    decoder = Decoder(load_manifest(tiny_int4), threads=1)
+    assert decoder.int4_matmuls == 0
+    cache = decoder.new_cache(1, 64)
+    assert decoder.prefill(cache, 0, [1, 2, 3]).shape == (decoder.vocab,)
+
+
+def test_cpu_flags_are_read_from_cpuinfo():
+    line = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl"
+    assert not int4_kernel.cpu_supports(line)
+    assert int4_kernel.cpu_supports(line + " avx512_vnni")
+
+
+@pytest.mark.slow
+@needs_vnni
+def test_real_model_answers_as_matmulnbits_does(library):
+    """The 0.5B, teacher-forced on MatMulNBits's own greedy answer: the same top-1 wherever MatMulNBits leads by
+    half a logit (a near tie flips under any change of arithmetic, onnxruntime's own graph optimizations included)."""
+    from export.artifacts import cached_artifact
+
+    manifest = load_manifest(cached_artifact("qwen2.5-coder-0.5b-instruct"))
+    theirs, ours = Decoder(manifest, threads=2, int4=False), Decoder(manifest, threads=2, int4=True)
+    assert ours.int4_matmuls > 0
+    tokenizer = ChatTokenizer(manifest)
+    prompt = tokenizer.encode(tokenizer.render([{"role": "user", "content": "How do I open a savings account?"}]))
+    a, b = theirs.new_cache(1, 512), ours.new_cache(1, 512)
+    expected, got = theirs.prefill(a, 0, prompt), ours.prefill(b, 0, prompt)
+    sure = same = 0
+    for _ in range(64):
+        top2 = np.partition(expected, -2)[-2:]
+        if top2[1] - top2[0] >= 0.5:
+            sure += 1
+            same += int(expected.argmax() == got.argmax())
+        token = int(expected.argmax())
+        expected, got = theirs.decode(a, 0, token), ours.decode(b, 0, token)
+    assert sure >= 32 and same == sure, f"{same} of {sure} confident positions agree"
