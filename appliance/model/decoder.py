@@ -87,9 +87,10 @@ class Decoder:
         options.register_custom_ops_library(str(int4_kernel.built_library()))
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(self.manifest.graph_path.parent))
-        options.add_external_initializers(rewritten.names,
-                                          [ort.OrtValue.ortvalue_from_numpy(a) for a in rewritten.arrays])
-        self.int4_matmuls, self._int4_weights = rewritten.matmuls, rewritten.arrays
+        values = [ort.OrtValue.ortvalue_from_numpy(array) for array in rewritten.arrays]
+        for name, value in zip(rewritten.names, values):
+            options.add_initializer(name, value)
+        self.int4_matmuls, self._int4_weights = rewritten.matmuls, (rewritten.arrays, values)
         log.info("int4 kernel: %d MatMuls on r1box's AVX512-VNNI kernel", rewritten.matmuls)
         return rewritten.model
 

@@ -9,8 +9,8 @@ Its outputs equal MatMulNBits's to float rounding (about 1e-7 of the largest), a
 
 The artifact stays standard MatMulNBits (the CUDA provider and ARM boxes run it as it is): at load, on a CPU that
 has the instructions and with the library built, each eligible MatMulNBits node becomes ai.r1box's MatMulInt4 and
-its weights are repacked once into new buffers that onnxruntime uses in place (add_external_initializers); the
-original tensors are never loaded, so memory stays the same.
+its weights are repacked once into new buffers that onnxruntime uses in place (SessionOptions.add_initializer);
+the original tensors are read one at a time and dropped, so the peak and the resident memory stay MatMulNBits's.
 
 The library is built once per source (`just kernel`, or `python -m appliance.model.int4_kernel`) with g++ against
 onnxruntime's C API headers: the PyPI wheels ship none, Debian's libonnxruntime-dev does (trixie's, fetched by
@@ -187,19 +187,19 @@ def rewrite(graph_path: Path) -> Rewritten:
     model = onnx.load(str(graph_path), load_external_data=False)
     graph = model.graph
     tensors = {t.name: t for t in graph.initializer}
-    data = _TensorReader(graph_path.parent)
     out = Rewritten(b"")
     nodes = []
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if not (node.op_type == "MatMulNBits" and node.domain == "com.microsoft" and eligible(attrs, len(node.input))
                 and all(name in tensors for name in node.input[1:])
+                and tensors[node.input[1]].data_location == onnx.TensorProto.EXTERNAL
                 and (len(node.input) < 4 or tensors[node.input[3]].data_type == onnx.TensorProto.UINT8)):
             nodes.append(node)
             continue
         k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
-        zero_points = data.read(tensors[node.input[3]]) if len(node.input) == 4 else None
-        packed = pack(data.read(tensors[node.input[1]]), data.read(tensors[node.input[2]]), zero_points, n, k, block)
+        b, scales, *zero_points = (_read(tensors[name], graph_path.parent) for name in node.input[1:])
+        packed = pack(b, scales, zero_points[0] if zero_points else None, n, k, block)
         names = [f"{node.input[1]}.{suffix}" for suffix in ("int4x16", "scales16", "zeros16")]
         for name, array in zip(names, packed):
             graph.initializer.append(_declared(name, array, tensors[node.input[1]]))
@@ -208,7 +208,6 @@ def rewrite(graph_path: Path) -> Rewritten:
         nodes.append(helper.make_node(OP, [node.input[0], *names], list(node.output), name=node.name, domain=DOMAIN,
                                       K=k, N=n, block_size=block))
         out.matmuls += 1
-    data.close()
     del graph.node[:]
     graph.node.extend(nodes)
     used = {name for node in graph.node for name in node.input}
@@ -222,7 +221,7 @@ def rewrite(graph_path: Path) -> Rewritten:
 
 def _declared(name: str, array: np.ndarray, beside):
     """A TensorProto that names its data as external, in the file of `beside`: onnxruntime requires every
-    initializer to be declared, add_external_initializers supplies the bytes, and the file is never read for it."""
+    initializer to be declared, add_initializer supplies the bytes, and the file is never read for it."""
     from onnx import TensorProto, helper
 
     tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=[array.size])
@@ -234,28 +233,17 @@ def _declared(name: str, array: np.ndarray, beside):
     return tensor
 
 
-class _TensorReader:
-    """Initializers' bytes, from their external files (mapped, not loaded) or from the graph itself."""
+def _read(tensor, folder: Path) -> np.ndarray:
+    """An initializer's values, from its external file or the graph itself. Read, not mapped: mapped pages of the
+    whole file would stay resident beside the repacked copies until the last tensor is done."""
+    from onnx import helper, numpy_helper
 
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.files: dict[str, np.memmap] = {}
-
-    def read(self, tensor) -> np.ndarray:
-        from onnx import helper, numpy_helper
-
-        if tensor.data_location != tensor.EXTERNAL:
-            return numpy_helper.to_array(tensor)
-        info = {e.key: e.value for e in tensor.external_data}
-        if info["location"] not in self.files:
-            self.files[info["location"]] = np.memmap(self.folder / info["location"], np.uint8, "r")
-        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        offset = int(info.get("offset", 0))
-        length = int(info.get("length", 0)) or int(np.prod(tensor.dims)) * np.dtype(dtype).itemsize
-        return self.files[info["location"]][offset:offset + length].view(dtype)
-
-    def close(self) -> None:
-        self.files.clear()  # unmapped once the last view of them is gone
+    if tensor.data_location != tensor.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = {e.key: e.value for e in tensor.external_data}
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    count = int(info.get("length", 0)) // np.dtype(dtype).itemsize or int(np.prod(tensor.dims))
+    return np.fromfile(folder / info["location"], dtype, count, offset=int(info.get("offset", 0)))
 
 
 def main() -> None:
