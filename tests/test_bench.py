@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from appliance.model import int4_kernel
+
 pytestmark = pytest.mark.slow
 
 
@@ -26,6 +28,8 @@ def test_bench_ends_with_the_json_report(artifact, tmp_path):
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["model"] == "qwen2.5-coder-0.5b-instruct" and report["provider"] == "cpu"
     assert report["threads"] == 2 and report["genai"] is None
+    # the 0.5B's int4 MatMuls (o_proj, gate_up) run on r1box's kernel wherever it can run
+    assert (report["int4_kernel_matmuls"] > 0) == (int4_kernel.unavailable() is None)
     r1 = report["r1box"]
     latency = {"ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "decode_tok_s"}
     assert latency <= set(r1["c1"]) and all(r1["c1"][k] > 0 for k in latency)

@@ -90,6 +90,16 @@ def test_without_the_library_matmulnbits_serves(tiny_int4, monkeypatch, tmp_path
     assert decoder.prefill(cache, 0, [1, 2, 3]).shape == (decoder.vocab,)
 
 
+@needs_vnni
+def test_a_broken_library_leaves_matmulnbits_serving(tiny_int4, monkeypatch, tmp_path):
+    monkeypatch.setenv("R1BOX_CACHE", str(tmp_path))
+    int4_kernel.cache_library().parent.mkdir(parents=True)
+    int4_kernel.cache_library().write_bytes(b"not a shared library")
+    decoder = Decoder(load_manifest(tiny_int4), threads=1)
+    assert decoder.int4_matmuls == 0
+    assert decoder.prefill(decoder.new_cache(1, 64), 0, [1, 2, 3]).shape == (decoder.vocab,)
+
+
 def test_cpu_flags_are_read_from_cpuinfo():
     line = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl"
     assert not int4_kernel.cpu_supports(line)
