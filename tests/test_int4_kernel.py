@@ -59,13 +59,17 @@ def test_products_equal_matmulnbits(library, k, n, block, zero_points):
 
 
 @needs_vnni
-def test_a_wrong_width_is_refused(library):
+def test_wrong_shapes_are_refused(library):
     k, n, block = 64, 16, 32
     b = np.zeros((n, k // block, block // 2), np.uint8)
     ours = _session(int4_kernel.OP, list(int4_kernel.pack(b, np.ones(n * 2, np.float32), None, n, k, block)),
                     k, n, block, library)
     with pytest.raises(Exception, match="K = 64"):
         ours.run(None, {"A": np.zeros((1, 32), np.float32)})
+    weights, scales, zeros = int4_kernel.pack(b, np.ones(n * 2, np.float32), None, n, k, block)
+    short = _session(int4_kernel.OP, [weights, scales[:-1], zeros], k, n, block, library)
+    with pytest.raises(Exception, match="the scales must hold 32 elements"):
+        short.run(None, {"A": np.zeros((1, k), np.float32)})
 
 
 @needs_vnni

@@ -14,10 +14,9 @@
 
 #include <algorithm>
 #include <array>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <mutex>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -136,6 +135,18 @@ struct Kernel {
     k = ki.GetAttribute<int64_t>("K");
     n = ki.GetAttribute<int64_t>("N");
     block = ki.GetAttribute<int64_t>("block_size");
+    if (block < 16 || block % 16 != 0 || k % block != 0 || n % kLanes != 0 || n <= 0)
+      fail("MatMulInt4: block_size must be a multiple of 16 dividing K, and N a positive multiple of 16");
+  }
+
+  [[noreturn]] static void fail(const std::string& message) {
+    Ort::ThrowOnError(Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, message.c_str()));
+    throw std::logic_error(message);  // not reached: ThrowOnError throws on any status
+  }
+
+  static void expect_size(const Ort::ConstValue& value, int64_t size, const char* name) {
+    if (value.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(size))
+      fail(std::string("MatMulInt4: ") + name + " must hold " + std::to_string(size) + " elements");
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -143,8 +154,11 @@ struct Kernel {
       Ort::KernelContext ctx(context);
       const auto a = ctx.GetInput(0);
       std::vector<int64_t> shape = a.GetTensorTypeAndShapeInfo().GetShape();
-      if (shape.empty() || shape.back() != k) Ort::ThrowOnError(Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT,
-          ("MatMulInt4: A's last dimension must be K = " + std::to_string(k)).c_str()));
+      if (shape.empty() || shape.back() != k) fail("MatMulInt4: A's last dimension must be K = " + std::to_string(k));
+      const auto weights = ctx.GetInput(1), scales = ctx.GetInput(2), zeros = ctx.GetInput(3);
+      expect_size(weights, n * k / 2, "the weights");
+      expect_size(scales, n * (k / block), "the scales");
+      expect_size(zeros, n * (k / block), "the zero points");
       int64_t rows = 1;
       for (size_t i = 0; i + 1 < shape.size(); i++) rows *= shape[i];
       shape.back() = n;
@@ -152,8 +166,8 @@ struct Kernel {
       if (rows == 0) return nullptr;
       thread_local Quantized quantized;
       quantize(a.GetTensorData<float>(), rows, k, block, quantized);
-      Step step{&quantized, ctx.GetInput(1).GetTensorData<uint8_t>(), ctx.GetInput(2).GetTensorData<float>(),
-                ctx.GetInput(3).GetTensorData<float>(), y.GetTensorMutableData<float>(), rows, k, n, block};
+      Step step{&quantized, weights.GetTensorData<uint8_t>(), scales.GetTensorData<float>(),
+                zeros.GetTensorData<float>(), y.GetTensorMutableData<float>(), rows, k, n, block};
       const int64_t tasks = (n / kLanes + kTilesPerTask - 1) / kTilesPerTask;
       ctx.ParallelFor(run_tiles, static_cast<size_t>(tasks), 0, &step);
       return nullptr;
