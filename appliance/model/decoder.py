@@ -60,12 +60,8 @@ class Decoder:
         try:
             self.session = self._session(provider, int4 and provider == "cpu")
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-            if not self.int4_matmuls:
-                raise ArtifactError(f"{manifest.graph_path}: onnxruntime cannot load the graph on {provider} ({e}). "
-                                    "Export the model again with this version of r1box.") from None
-            # the kernel is a speed-up, never a reason not to serve
-            log.warning("int4 kernel: onnxruntime refused the rewritten graph (%s); MatMulNBits serves", e)
-            self.session = self._session(provider, False)
+            raise ArtifactError(f"{manifest.graph_path}: onnxruntime cannot load the graph on {provider} ({e}). "
+                                "Export the model again with this version of r1box.") from None
         self.provider = provider
         self.device = "cuda" if provider == "cuda" else "cpu"
         if huge_pages and provider == "cpu":
@@ -73,29 +69,39 @@ class Decoder:
 
     def _session(self, provider: str, int4: bool) -> ort.InferenceSession:
         """The artifact's graph, or on a CPU that has the instructions its MatMulNBits as r1box's int4 kernel
-        (appliance/model/int4_kernel.py), whose repacked weights stay referenced for the session's life."""
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        (appliance/model/int4_kernel.py)."""
         self.int4_matmuls, self._int4_weights = 0, ()
         why_not = int4_kernel.unavailable() if int4 else None
-        if not int4 or why_not:
-            if why_not:
-                log.info("int4 kernel: not used (%s); onnxruntime's MatMulNBits serves", why_not)
-            return ort.InferenceSession(str(self.manifest.graph_path), options, providers=[PROVIDERS[provider]])
+        if int4 and not why_not:
+            try:
+                return self._int4_session(provider)
+            except Exception as e:  # the kernel is a speed-up, never a reason not to serve
+                log.warning("int4 kernel: not used (%s); onnxruntime's MatMulNBits serves", e)
+        elif why_not:
+            log.info("int4 kernel: not used (%s); onnxruntime's MatMulNBits serves", why_not)
+        return ort.InferenceSession(str(self.manifest.graph_path), self._options(), providers=[PROVIDERS[provider]])
+
+    def _int4_session(self, provider: str) -> ort.InferenceSession:
+        """The rewritten graph; its repacked weights stay referenced for the session's life."""
         rewritten = int4_kernel.rewrite(self.manifest.graph_path)
-        self.int4_matmuls = rewritten.matmuls
+        options = self._options()
         options.register_custom_ops_library(str(int4_kernel.built_library()))
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(self.manifest.graph_path.parent))
         values = [ort.OrtValue.ortvalue_from_numpy(array) for array in rewritten.arrays]
         for name, value in zip(rewritten.names, values):
             options.add_initializer(name, value)
-        self._int4_weights = (rewritten.arrays, values)
         session = ort.InferenceSession(rewritten.model, options, providers=[PROVIDERS[provider]])
+        self.int4_matmuls, self._int4_weights = rewritten.matmuls, (rewritten.arrays, values)
         log.info("int4 kernel: %d MatMuls on r1box's AVX512-VNNI kernel", rewritten.matmuls)
         return session
+
+    def _options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return options
 
     def new_cache(self, slots: int, max_length: int) -> KvCache:
         max_length = min(max_length, self.manifest.arch["context"])

@@ -199,6 +199,30 @@ struct MatMulInt4 : Ort::CustomOpBase<MatMulInt4, Kernel, true> {
 
 }  // namespace
 
+// MatMulNBits's tensors into MatMulInt4's, at load: weights [N][K/block][block/2] (k even in the low nibble), scales
+// [N][K/block], zero points [N][ceil(K/block / 2)] nibbles or null (8 for all). N % 16 == 0, block % 16 == 0.
+extern "C" void r1box_int4_pack(const uint8_t* b, const float* scales, const uint8_t* zero_points, int64_t n,
+                                int64_t k, int64_t block, uint8_t* weights, float* scales_out, float* zeros_out) {
+  const int64_t blocks = k / block, groups = block / 8, zero_stride = (blocks + 1) / 2;
+  for (int64_t tile = 0; tile < n / kLanes; tile++)
+    for (int64_t bl = 0; bl < blocks; bl++) {
+      uint8_t* out = weights + (tile * blocks + bl) * groups * 64;
+      for (int64_t j = 0; j < kLanes; j++) {
+        const int64_t column = tile * kLanes + j;
+        const uint8_t* src = b + (column * blocks + bl) * (block / 2);
+        uint8_t level[256];  // block ≤ 256: eligible() in int4_kernel.py
+        for (int64_t i = 0; i < block / 2; i++) level[2 * i] = src[i] & 15, level[2 * i + 1] = src[i] >> 4;
+        for (int64_t g = 0; g < groups; g++)
+          for (int i = 0; i < 4; i++)
+            out[g * 64 + j * 4 + i] = static_cast<uint8_t>(level[8 * g + i] | (level[8 * g + 4 + i] << 4));
+        const int64_t at = (tile * blocks + bl) * kLanes + j;
+        scales_out[at] = scales[column * blocks + bl];
+        zeros_out[at] = zero_points ? static_cast<float>((zero_points[column * zero_stride + bl / 2] >> (4 * (bl & 1))) & 15)
+                                    : 8.0f;  // MatMulNBits's default for 4 bits
+      }
+    }
+}
+
 extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
   static MatMulInt4 op;
