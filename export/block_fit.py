@@ -24,9 +24,10 @@ import torch
 _STEPS = torch.arange(-10, 11, dtype=torch.float32) / 10
 _ROWS_PER_CHUNK = 1 << 16  # blocks per pass: a few tens of MB of temporaries at block 128
 
+Fitted = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # MatMulNBits's (B, scales, zero_points), as above
 
-def fit_blocks(weight: np.ndarray, bits: int, block: int, symmetric: bool = False
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+
+def fit_blocks(weight: np.ndarray, bits: int, block: int, symmetric: bool = False) -> Fitted:
     """weight: [K, N] as the graph's MatMul takes it (x @ weight). Returns (B, scales, zero_points) as above;
     symmetric blocks have no zero points (the kernel's default, the middle level, is theirs)."""
     k, n = weight.shape
@@ -45,8 +46,7 @@ def fit_blocks(weight: np.ndarray, bits: int, block: int, symmetric: bool = Fals
     return pack(q.reshape(n, blocks, block), scales.reshape(n, blocks), zeros, bits)
 
 
-def pack(levels: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int
-         ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def pack(levels: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int) -> Fitted:
     """levels uint8 [N, blocks, block], scales [N, blocks], zero points uint8 [N, blocks] or None → the layout above."""
     q, scales = levels.numpy(), scales.numpy()
     zeros = None if zeros is None else zeros.numpy()

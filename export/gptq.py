@@ -25,7 +25,8 @@ import torch
 
 from appliance.errors import ExportError
 from appliance.model.tokenizer import ChatTokenizer
-from export.block_fit import pack, search
+from export.block_fit import Fitted, pack, search
+from export.gguf_blocks import Parts, fill, stack
 from export.progress import count_bar
 
 CALIBRATION_PROMPTS = (
@@ -52,13 +53,14 @@ CALIBRATION_PROMPTS = (
 DAMPING = 0.1
 _ROWS_PER_PASS = 4096
 
-Fitted = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # MatMulNBits's (B, scales, zero_points)
 
 
 def calibrate(model, tokenizer: ChatTokenizer, bits_of: Callable[[str], int], block: int, symmetric: bool,
-              new_tokens: int = 96) -> dict[str, Fitted]:
+              new_tokens: int = 96, carried: dict[str, Parts] | None = None) -> dict[str, Fitted]:
     """GPTQ for every projection of a Qwen2 torch model; returns MatMulNBits tensors by the graph's weight name
-    (model.layers.N.self_attn.qkv_proj.weight, …, lm_head.weight). bits_of(graph weight name) → 4 or 8."""
+    (model.layers.N.self_attn.qkv_proj.weight, …, lm_head.weight). bits_of(graph weight name) → 4 or 8. carried:
+    a GGUF's own blocks (export/gguf_blocks.py), taken as they are; GPTQ quantizes only the other rows."""
+    carried = carried or {}
     ids, mask = _conversations(model, tokenizer, new_tokens)
     valid = mask.reshape(-1).bool()
     fitted: dict[str, Fitted] = {}
@@ -66,12 +68,19 @@ def calibrate(model, tokenizer: ChatTokenizer, bits_of: Callable[[str], int], bl
     bar = count_bar(range(len(groups) + 1), "GPTQ", "MatMul")
 
     def quantize_group(name: str, modules: list[torch.nn.Linear], x: torch.Tensor, replace: bool) -> None:
-        x = x.reshape(-1, x.shape[-1])[valid].float()
-        weight = torch.cat([m.weight.detach().float() for m in modules])
-        fitted[name], dequantized = gptq(weight, x.T @ x * (2 / x.shape[0]), bits_of(name), block, symmetric)
-        if replace:
-            for m, part in zip(modules, dequantized.split([m.out_features for m in modules])):
-                m.weight.data.copy_(part)
+        # a carried part's torch weights are already its blocks dequantized: nothing to put in place
+        parts = carried.get(name) or [m.out_features for m in modules]
+        own = [m for m, part in zip(modules, parts) if isinstance(part, int)]
+        if own:
+            x = x.reshape(-1, x.shape[-1])[valid].float()
+            weight = torch.cat([m.weight.detach().float() for m in own])
+            quantized, dequantized = gptq(weight, x.T @ x * (2 / x.shape[0]), bits_of(name), block, symmetric)
+            if replace:
+                for m, part in zip(own, dequantized.split([m.out_features for m in own])):
+                    m.weight.data.copy_(part)
+            fitted[name] = quantized if len(own) == len(modules) else stack(fill(parts, quantized))
+        else:
+            fitted[name] = stack(parts)
         bar.update()
 
     hooks = [modules[0].register_forward_pre_hook(

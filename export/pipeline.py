@@ -14,6 +14,7 @@ from appliance.model.decoder import Decoder
 from appliance.model.manifest import Manifest, load_manifest
 from appliance.model.tokenizer import ChatTokenizer
 from export.catalog import Architecture
+from export.gguf_blocks import carried_blocks
 from export.gptq import CALIBRATION_PROMPTS, calibrate
 from export.manifest_writer import architecture, chat_section, write_manifest
 from export.parity import parity_report, source_references
@@ -52,11 +53,18 @@ def export_model(spec: str, out: Path, quant: QuantConfig = QuantConfig(), min_a
             tokenizer = ChatTokenizer(Manifest(staging, sections))
         with step("source model's reference answers", timings):
             refs = source_references(model, tokenizer)
+        carried = {}
+        if source.kind == "gguf" and quant.keeps_gguf_blocks:
+            with step("the GGUF's Q4_K blocks, kept as they are", timings):
+                carried = {name: parts for name, parts in carried_blocks(source.path).items()
+                           if quant.bits_for(name) == 4}
+                say(f"  {len(carried)} MatMuls take the GGUF's own blocks; the rest are quantized here")
         fitted = None
         if quant.gptq and quant.precision != "fp32":
             with step(f"GPTQ on the source's own answers ({len(CALIBRATION_PROMPTS)} conversations)", timings):
                 # after the references: calibrating leaves the quantized weights in the torch model
-                fitted = calibrate(model, tokenizer, quant.bits_for, quant.block_size, quant.symmetric)
+                fitted = calibrate(model, tokenizer, quant.bits_for, quant.block_size, quant.symmetric,
+                                   carried=carried)
         with step(f"build the fused decoder graph ({dtype})", timings):
             check_supported(model.config)
             shape = Architecture.from_config(model.config)
@@ -66,8 +74,8 @@ def export_model(spec: str, out: Path, quant: QuantConfig = QuantConfig(), min_a
             graph = build_qwen2_graph(state, shape, dtype)
             del state
         with step(f"quantize and save ({quant.tag})", timings):
-            quantization = quantize(graph, staging / GRAPH, quant, fitted)
-            del graph, fitted
+            quantization = quantize(graph, staging / GRAPH, quant, fitted, carried)
+            del graph, fitted, carried
         with step("parity check", timings):
             write_manifest(staging, graph_name=GRAPH, quantization=quantization, timings=timings, parity=None,
                            **sections)

@@ -34,10 +34,19 @@ class QuantConfig:
     int8_layers: tuple[str, ...] = ()
     # levels chosen by GPTQ on the source model's own answers (export/gptq.py), not by rounding each block alone
     gptq: bool = True
+    # a GGUF source's Q4_K blocks taken as they are (export/gguf_blocks.py), where the recipe is theirs: int4 with
+    # zero points at block 32
+    gguf_blocks: bool = True
 
     @property
     def bits(self) -> int:
         return {"int4": 4, "int8": 8}[self.precision]
+
+    @property
+    def keeps_gguf_blocks(self) -> bool:
+        from export.gguf_blocks import BLOCK
+
+        return self.gguf_blocks and self.precision == "int4" and self.block_size == BLOCK and not self.symmetric
 
     def bits_for(self, name: str) -> int:
         """The bits of one MatMul, by its node or weight name: the precision's, or 8 for an int8_layers match."""
@@ -51,13 +60,16 @@ class QuantConfig:
         return (f"{self.precision}-b{self.block_size}-{'sym' if self.symmetric else 'asym'}"
                 f"-{'gptq' if self.gptq else 'fit'}"
                 f"-acc{self.accuracy_level}{'-emb' if self.quantize_embedding else ''}"
-                f"{'-i8.' + '.'.join(sorted(self.int8_layers)) if self.int8_layers else ''}")
+                f"{'-i8.' + '.'.join(sorted(self.int8_layers)) if self.int8_layers else ''}"
+                f"{'' if self.gguf_blocks else '-requant'}")
 
 
-def quantize(model: onnx.ModelProto, out_graph: Path, config: QuantConfig, fitted: dict | None = None) -> dict:
+def quantize(model: onnx.ModelProto, out_graph: Path, config: QuantConfig, fitted: dict | None = None,
+             carried: dict | None = None) -> dict:
     """Quantize the in-memory fp32 graph, save it to out_graph (external data beside it); return the manifest's
     `quantization` section. fitted: MatMulNBits tensors by weight name, made by GPTQ (export/gptq.py); the MatMuls
-    it lacks are fitted here block by block. fp32 just saves."""
+    it lacks are fitted here block by block. carried: a GGUF's own blocks by weight name (export/gguf_blocks.py),
+    for MatMuls GPTQ did not make. fp32 just saves."""
     if config.precision == "fp32":
         _save(model, out_graph)
         return {"method": "none", "precision": "fp32"}
@@ -65,25 +77,28 @@ def quantize(model: onnx.ModelProto, out_graph: Path, config: QuantConfig, fitte
         raise ExportError(f"block size {config.block_size} must be a power of two of at least 16.")
     fit = "GPTQ on the source's own answers, block scales by search (export/gptq.py)" if fitted else \
         "scale search per block (export/block_fit.py)"
-    wide = _fit_matmuls(model, config, fitted or {})
+    wide = _fit_matmuls(model, config, fitted or {}, carried or {})
     if config.quantize_embedding and config.bits == 4:  # GatherBlockQuantized takes 4 bits only
         model = _quantize_embedding(model, config)
     ops = Counter(n.op_type for n in model.graph.node)
     if ops["MatMulNBits"] == 0:
         raise ExportError("quantization produced no MatMulNBits node; the graph has no constant MatMul weights.")
     _save(model, out_graph)
-    return {"method": "MatMulNBits", "fit": fit, **asdict(config),
+    if carried:
+        fit += f"; a GGUF's Q4_K blocks as they are in {len(carried)} MatMuls (export/gguf_blocks.py)"
+    return {"method": "MatMulNBits", "fit": fit, **asdict(config), "gguf_blocks_kept": len(carried or {}),
             "bits": config.bits, "int8_nodes": len(wide),
             "nodes": {"MatMulNBits": ops["MatMulNBits"], "GatherBlockQuantized": ops["GatherBlockQuantized"],
                       "MatMul (activations)": ops["MatMul"]}}
 
 
-def _fit_matmuls(model: onnx.ModelProto, config: QuantConfig, fitted: dict) -> list[str]:
+def _fit_matmuls(model: onnx.ModelProto, config: QuantConfig, fitted: dict, carried: dict) -> list[str]:
     """Every MatMul with a constant weight becomes MatMulNBits, with GPTQ's tensors where `fitted` has them, else
     with blocks fitted by export/block_fit.py; returns the names of those kept at 8 bits."""
     from onnx import numpy_helper
 
     from export.block_fit import fit_blocks
+    from export.gguf_blocks import stack
     from export.progress import count_bar
 
     graph = model.graph
@@ -102,10 +117,22 @@ def _fit_matmuls(model: onnx.ModelProto, config: QuantConfig, fitted: dict) -> l
             packed, scales, zeros = fitted[name]
             if scales.shape[0] != n:
                 raise ExportError(f"GPTQ's {name} has {scales.shape[0]} columns, the graph's {n}.")
+        elif name in carried:  # the GGUF's own blocks, and the rows of its other parts fitted here
+            array, parts, row = numpy_helper.to_array(weight), [], 0
+            for part in carried[name]:
+                if isinstance(part, int):
+                    part, row = fit_blocks(array[:, row:row + part], bits, config.block_size, config.symmetric), \
+                        row + part
+                else:
+                    row += part[0].shape[0]
+                parts.append(part)
+            packed, scales, zeros = stack(parts)
         else:
             packed, scales, zeros = fit_blocks(numpy_helper.to_array(weight), bits, config.block_size,
                                                config.symmetric)
         scales = scales.astype(dtype)  # the kernel takes scales in the activations' type (fp16 on CUDA)
+        if zeros is not None and zeros.dtype.kind == "f":  # a GGUF's offsets: float zero points, the same type
+            zeros = zeros.astype(dtype)
         inputs = [node.input[0]]
         for suffix, array in (("_Q", packed), ("_scales", scales), ("_zero_points", zeros)):
             if array is not None:

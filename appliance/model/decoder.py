@@ -79,21 +79,34 @@ class Decoder:
                 log.warning("int4 kernel: not used (%s); onnxruntime's MatMulNBits serves", e)
         elif why_not:
             log.info("int4 kernel: not used (%s); onnxruntime's MatMulNBits serves", why_not)
+        if provider == "cpu" and self.manifest.kept_gguf_blocks:
+            rounded = int4_kernel.whole_zero_points(self.manifest.graph_path)
+            log.warning("int4: %d MatMuls keep a GGUF's blocks, whose float zero points onnxruntime's CPU kernel "
+                        "computes slowly; rounded to whole levels here (slightly less exact than the int4 kernel, "
+                        "which this machine cannot use)", rounded.matmuls)
+            return self._rewritten_session(provider, rounded)
         return ort.InferenceSession(str(self.manifest.graph_path), self._options(), providers=[PROVIDERS[provider]])
 
     def _int4_session(self, provider: str) -> ort.InferenceSession:
-        """The rewritten graph; its repacked weights stay referenced for the session's life."""
         rewritten = int4_kernel.rewrite(self.manifest.graph_path)
+        session = self._rewritten_session(provider, rewritten, int4_kernel.built_library())
+        self.int4_matmuls = rewritten.matmuls
+        log.info("int4 kernel: %d MatMuls on r1box's AVX512-VNNI kernel", rewritten.matmuls)
+        return session
+
+    def _rewritten_session(self, provider: str, rewritten: int4_kernel.Rewritten, library=None
+                           ) -> ort.InferenceSession:
+        """A graph rewritten at load; its new tensors stay referenced for the session's life."""
         options = self._options()
-        options.register_custom_ops_library(str(int4_kernel.built_library()))
+        if library:
+            options.register_custom_ops_library(str(library))
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(self.manifest.graph_path.parent))
         values = [ort.OrtValue.ortvalue_from_numpy(array) for array in rewritten.arrays]
         for name, value in zip(rewritten.names, values):
             options.add_initializer(name, value)
         session = ort.InferenceSession(rewritten.model, options, providers=[PROVIDERS[provider]])
-        self.int4_matmuls, self._int4_weights = rewritten.matmuls, (rewritten.arrays, values)
-        log.info("int4 kernel: %d MatMuls on r1box's AVX512-VNNI kernel", rewritten.matmuls)
+        self._int4_weights = (rewritten.arrays, values)
         return session
 
     def _options(self) -> ort.SessionOptions:

@@ -150,7 +150,8 @@ class Rewritten:
 
 def eligible(attrs: dict, inputs: int) -> bool:
     """MatMulNBits nodes this op computes exactly as onnxruntime would: 4 bits, int8 activations, whole blocks of
-    a multiple of 16 along K (up to 256), tiles of 16 columns, integer zero points or none, no bias or group index."""
+    a multiple of 16 along K (up to 256), tiles of 16 columns, zero points (4-bit or float) or none, no bias or group
+    index."""
     k, n, block = attrs.get("K", 0), attrs.get("N", 0), attrs.get("block_size", 0)
     return (attrs.get("bits", 4) == 4 and attrs.get("accuracy_level", 0) == 4 and inputs in (3, 4)
             and 16 <= block <= 256 and block % 16 == 0 and k % block == 0 and n % LANES == 0 and n > 0)
@@ -166,15 +167,18 @@ def pack(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, n: i
     weights = np.empty(n * k // 2, np.uint8)
     scales_out, zeros_out = np.empty(n * blocks, np.float32), np.empty(n * blocks, np.float32)
     b, scales = np.ascontiguousarray(b, np.uint8), np.ascontiguousarray(scales, np.float32)
-    if zero_points is not None:
-        zero_points = np.ascontiguousarray(zero_points, np.uint8)
+    # float zero points (one a block, not whole levels: a GGUF's Q4_K offsets) are the kernel's own kind already
+    float_zeros = zero_points is not None and zero_points.dtype == np.float32
+    nibbles = None if zero_points is None or float_zeros else np.ascontiguousarray(zero_points, np.uint8)
     if b.size != n * k // 2 or scales.size != n * blocks or (
-            zero_points is not None and zero_points.size != n * ((blocks + 1) // 2)):
+            zero_points is not None and zero_points.size != n * (blocks if float_zeros else (blocks + 1) // 2)):
         raise ArtifactError(f"a MatMulNBits of N={n}, K={k}, block {block} has tensors of other sizes; export the "
                             "model again.")
     pointer = lambda array: ctypes.c_void_p(array.ctypes.data if array is not None else None)
-    library.r1box_int4_pack(pointer(b), pointer(scales), pointer(zero_points), ctypes.c_int64(n), ctypes.c_int64(k),
+    library.r1box_int4_pack(pointer(b), pointer(scales), pointer(nibbles), ctypes.c_int64(n), ctypes.c_int64(k),
                             ctypes.c_int64(block), pointer(weights), pointer(scales_out), pointer(zeros_out))
+    if float_zeros:
+        zeros_out[:] = zero_points.reshape(n // LANES, LANES, blocks).transpose(0, 2, 1).ravel()
     return weights, scales_out, zeros_out
 
 
@@ -193,7 +197,8 @@ def rewrite(graph_path: Path) -> Rewritten:
         if not (node.op_type == "MatMulNBits" and node.domain == "com.microsoft" and eligible(attrs, len(node.input))
                 and all(name in tensors for name in node.input[1:])
                 and tensors[node.input[1]].data_location == onnx.TensorProto.EXTERNAL
-                and (len(node.input) < 4 or tensors[node.input[3]].data_type == onnx.TensorProto.UINT8)):
+                and (len(node.input) < 4 or tensors[node.input[3]].data_type in (onnx.TensorProto.UINT8,
+                                                                                  onnx.TensorProto.FLOAT))):
             nodes.append(node)
             continue
         k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
@@ -214,6 +219,42 @@ def rewrite(graph_path: Path) -> Rewritten:
     del graph.initializer[:]
     graph.initializer.extend(kept)
     model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    out.model = model.SerializeToString()
+    return out
+
+
+def whole_zero_points(graph_path: Path) -> Rewritten:
+    """The graph at graph_path with float zero points (a GGUF's Q4_K offsets, export/gguf_blocks.py) rounded to
+    whole 4-bit levels, for where this kernel cannot serve: onnxruntime's CPU MatMulNBits takes float zero points
+    only by dequantizing the whole matrix at every call (measured 34 ms against 0.45 for a 1536 × 8960 step). The
+    weights then differ from the GGUF's by up to half a level's offset a block."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(graph_path), load_external_data=False)
+    tensors = {t.name: t for t in model.graph.initializer}
+    out = Rewritten(b"")
+    for node in model.graph.node:
+        if not (node.op_type == "MatMulNBits" and len(node.input) >= 4 and node.input[3] in tensors
+                and tensors[node.input[3]].data_type == onnx.TensorProto.FLOAT):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("bits", 4) != 4:
+            continue
+        blocks = -(-attrs["K"] // attrs["block_size"])
+        levels = np.clip(np.rint(_read(tensors[node.input[3]], graph_path.parent)), 0, 15).astype(np.uint8)
+        levels = np.pad(levels.reshape(attrs["N"], blocks), ((0, 0), (0, blocks % 2)))
+        nibbles = np.ascontiguousarray((levels[:, 0::2] | (levels[:, 1::2] << 4)).ravel())
+        name = f"{node.input[3]}.whole"
+        model.graph.initializer.append(_declared(name, nibbles, tensors[node.input[1]]))
+        node.input[3] = name
+        out.names.append(name)
+        out.arrays.append(nibbles)
+        out.matmuls += 1
+    used = {name for node in model.graph.node for name in node.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
     out.model = model.SerializeToString()
     return out
 

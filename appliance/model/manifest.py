@@ -82,6 +82,11 @@ class Manifest:
     def name(self) -> str:
         return self.raw["model"]["name"]
 
+    @property
+    def kept_gguf_blocks(self) -> int:
+        """MatMuls holding a GGUF's own Q4_K blocks, with float zero points (export/gguf_blocks.py)."""
+        return self.raw.get("quantization", {}).get("gguf_blocks_kept", 0)
+
 
 def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
     directory = Path(directory)
