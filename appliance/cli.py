@@ -56,7 +56,7 @@ def cmd_export(args) -> None:
     quant = QuantConfig(precision=args.precision, block_size=args.block_size or (entry.block_size if entry else 32),
                         symmetric=args.symmetric, accuracy_level=args.accuracy_level, gptq=not args.no_gptq,
                         quantize_embedding=not args.fp32_embedding, int8_layers=_int8_layers(args.int8_layers, entry),
-                        gguf_blocks=not args.requantize_gguf)
+                        gguf_blocks=args.keep_gguf_blocks)
     export_model(args.source, Path(args.out), quant, min_agreement=args.min_agreement, force=args.force,
                  dtype=args.dtype)
 
@@ -307,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--symmetric", action="store_true", help="no zero points (smaller, less accurate)")
     p.add_argument("--no-gptq", action="store_true",
                    help="round each block alone instead of GPTQ on the model's own answers (faster, less accurate)")
-    p.add_argument("--requantize-gguf", action="store_true",
-                   help="quantize a GGUF's Q4_K weights anew instead of keeping its blocks (at block 32 they are kept)")
+    p.add_argument("--keep-gguf-blocks", action="store_true",
+                   help="keep a GGUF's Q4_K blocks as they are (block 32; exact on AVX512-VNNI CPUs, rounded elsewhere)")
     p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits compute type: 4 = int8 activations (fastest on CPU)")
     p.add_argument("--fp32-embedding", action="store_true", help="keep the embedding table unquantized")

@@ -8,6 +8,8 @@ check still sees is the arithmetic (int8 activations), as llama.cpp's own output
 
 Other types (Q6_K, which llama.cpp's Q4_K_M keeps for half the down and value projections and the output) are not
 carried: their rows are quantized by GPTQ or the block search like any source's, into the same block-32 layout.
+Chosen by `--keep-gguf-blocks` (QuantConfig.gguf_blocks): the float zero points are exact on r1box's int4 kernel
+only; elsewhere the decoder rounds them at load (appliance/model/int4_kernel.py, whole_zero_points).
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from appliance.errors import ExportError
@@ -52,7 +51,6 @@ CALIBRATION_PROMPTS = (
 # calibration never saw: the 0.5B's parity 0.926 with 0.01, 0.953 with 0.1, against 0.941 for block_fit alone
 DAMPING = 0.1
 _ROWS_PER_PASS = 4096
-
 
 
 def calibrate(model, tokenizer: ChatTokenizer, bits_of: Callable[[str], int], block: int, symmetric: bool,

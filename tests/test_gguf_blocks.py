@@ -193,9 +193,10 @@ def test_an_export_keeps_the_gguf_s_blocks_and_serves_them_both_ways(tiny_q4k, t
     from export.quantize import QuantConfig
 
     # without GPTQ, whose lm_head over the R1 vocabulary takes minutes; the real 1.5B's export runs it (README)
-    kept = export_model(str(tiny_q4k), tmp_path / "kept", QuantConfig(block_size=32, gptq=False), min_agreement=0.0)
-    redone = export_model(str(tiny_q4k), tmp_path / "redone",
-                          QuantConfig(block_size=32, gptq=False, gguf_blocks=False), min_agreement=0.0)
+    kept = export_model(str(tiny_q4k), tmp_path / "kept", QuantConfig(block_size=32, gptq=False, gguf_blocks=True),
+                        min_agreement=0.0)
+    redone = export_model(str(tiny_q4k), tmp_path / "redone", QuantConfig(block_size=32, gptq=False),
+                          min_agreement=0.0)
     manifest = load_manifest(kept)
     assert manifest.kept_gguf_blocks == 2 * 4  # qkv (q and k kept, v quantized), o, gate|up, down; not lm_head
     assert load_manifest(redone).kept_gguf_blocks == 0
@@ -204,11 +205,11 @@ def test_an_export_keeps_the_gguf_s_blocks_and_serves_them_both_ways(tiny_q4k, t
     from gguf import GGUFReader
 
     source = {t.name: t for t in GGUFReader(tiny_q4k).tensors}["blk.1.attn_output.weight"]
-    graph = onnx.load(str(kept / "model.onnx"))
-    tensors = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    graph = onnx.load(str(kept / "model.onnx"), load_external_data=False).graph
+    tensors = {t.name: t for t in graph.initializer}
     node = next(n for n in graph.node if n.name == "model.layers.1.self_attn.o_proj/MatMul")
-    for got, expected in zip((tensors[name] for name in node.input[1:]), q4k_as_nbits(source.data, 256, 256)):
-        np.testing.assert_array_equal(got.ravel(), expected.ravel())
+    for name, expected in zip(node.input[1:], q4k_as_nbits(source.data, 256, 256)):
+        np.testing.assert_array_equal(numpy_helper.to_array(tensors[name], str(kept)).ravel(), expected.ravel())
 
     # the parity report: keeping the blocks is nearer the source than quantizing them anew
     report, redone_report = (json.loads((a / "manifest.json").read_text())["parity"] for a in (kept, redone))

@@ -82,8 +82,8 @@ class Decoder:
         if provider == "cpu" and self.manifest.kept_gguf_blocks:
             rounded = int4_kernel.whole_zero_points(self.manifest.graph_path)
             log.warning("int4: %d MatMuls keep a GGUF's blocks, whose float zero points onnxruntime's CPU kernel "
-                        "computes slowly; rounded to whole levels here (slightly less exact than the int4 kernel, "
-                        "which this machine cannot use)", rounded.matmuls)
+                        "computes slowly; rounded to whole levels here, which reads below the artifact's parity "
+                        "report: for this machine, export without --keep-gguf-blocks", rounded.matmuls)
             return self._rewritten_session(provider, rounded)
         return ort.InferenceSession(str(self.manifest.graph_path), self._options(), providers=[PROVIDERS[provider]])
 
