@@ -27,7 +27,6 @@ _SUPER = 144  # bytes of a Q4_K super-block: d, dmin (fp16), 12 bytes of packed 
 # the graph's fused MatMuls (export/qwen2_graph.py) and the GGUF tensors whose rows they stack, in order
 _PARTS = {"self_attn.qkv_proj": ("attn_q", "attn_k", "attn_v"), "self_attn.o_proj": ("attn_output",),
           "mlp.gate_up_proj": ("ffn_gate", "ffn_up"), "mlp.down_proj": ("ffn_down",)}
-_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 
 # a fused MatMul's row blocks, one a GGUF tensor: its carried tensors, or the count of rows to quantize here
 Parts = list[Fitted | int]
