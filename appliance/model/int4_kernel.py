@@ -214,10 +214,7 @@ def rewrite(graph_path: Path) -> Rewritten:
         out.matmuls += 1
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    _drop_unread_initializers(graph)
     model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     out.model = model.SerializeToString()
     return out
@@ -251,12 +248,17 @@ def whole_zero_points(graph_path: Path) -> Rewritten:
         out.names.append(name)
         out.arrays.append(nibbles)
         out.matmuls += 1
-    used = {name for node in model.graph.node for name in node.input}
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    _drop_unread_initializers(model.graph)
     out.model = model.SerializeToString()
     return out
+
+
+def _drop_unread_initializers(graph) -> None:
+    """The declarations of tensors no node reads any more (the replaced originals), so onnxruntime looks for none."""
+    used = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def _declared(name: str, array: np.ndarray, beside):
