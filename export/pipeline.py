@@ -85,7 +85,8 @@ def export_model(spec: str, out: Path, quant: QuantConfig = QuantConfig(), min_a
             say(f"  agreement {report['agreement']:.3f} (threshold {min_agreement}; lowest prompt "
                 f"{report['lowest_agreement']:.3f}); where the source leads by {report['near_tie_logits']} logits "
                 f"or more {report['agreement_where_sure']:.3f} (lowest {report['lowest_agreement_where_sure']:.3f}); "
-                f"max |Δ logits| {report['max_abs_logit_diff']:.2f}")
+                f"max |Δ logits| {report['max_abs_logit_diff']:.2f}; KL divergence {report['kl_divergence']:.4f} "
+                "nats a token")
         if not report["passed"]:
             raise ExportError(
                 f"parity check failed: top-1 agreement {report['agreement']:.3f} is below {min_agreement}. Try "

@@ -75,14 +75,14 @@ def test_every_file_is_readable_by_the_service_user(tiny_int4):
 def test_fp32_artifact_matches_torch_exactly(tiny_fp32):
     parity = read_manifest(tiny_fp32)["parity"]
     assert parity["agreement"] == parity["agreement_where_sure"] == 1.0
-    assert parity["max_abs_logit_diff"] < 1e-3
+    assert parity["max_abs_logit_diff"] < 1e-3 and parity["kl_divergence"] < 1e-6
     assert len(parity["cases"]) == 8 and parity["passed"]
     assert _ops(tiny_fp32)["MatMulNBits"] == 0
 
 
 def test_int4_parity_is_reported(tiny_int4):
     parity = read_manifest(tiny_int4)["parity"]
-    assert 0.0 <= parity["agreement"] <= 1.0 and parity["max_abs_logit_diff"] > 0
+    assert 0.0 <= parity["agreement"] <= 1.0 and parity["max_abs_logit_diff"] > 0 and parity["kl_divergence"] > 0
     assert parity["threshold"] == 0.0 and parity["passed"]
 
 

@@ -214,6 +214,7 @@ def test_an_export_keeps_the_gguf_s_blocks_and_serves_them_both_ways(tiny_q4k, t
     # the parity report: keeping the blocks is nearer the source than quantizing them anew
     report, redone_report = (json.loads((a / "manifest.json").read_text())["parity"] for a in (kept, redone))
     assert report["max_abs_logit_diff"] < redone_report["max_abs_logit_diff"]
+    assert report["kl_divergence"] < redone_report["kl_divergence"]
     assert report["agreement_where_sure"] >= redone_report["agreement_where_sure"]
 
     # served by the int4 kernel where the CPU has it, and by MatMulNBits with whole zero points everywhere
