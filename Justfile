@@ -153,10 +153,19 @@ install:
     "{{python}}" -m pip install --quiet --editable ".[export,dev]"
     rm -f "{{venv}}"/.installed-* && touch "$stamp"
 
-# swap the CPU onnxruntime for onnxruntime-gpu on an NVIDIA box (CUDA 12/13 libraries must be present)
+# CUDA 13 and cuDNN 9 come as nvidia-* wheels that the decoder preloads, so the box needs only NVIDIA's driver; not
+# `.[gpu]`, which would bring the CPU build back.
+# swap the CPU onnxruntime for onnxruntime-gpu on an NVIDIA box
 install-gpu: install
-    {{python}} -m pip uninstall --yes onnxruntime
-    {{python}} -m pip install --quiet onnxruntime-gpu ".[gpu]"
+    {{python}} -m pip uninstall --yes --quiet onnxruntime
+    {{python}} -m pip install --quiet "onnxruntime-gpu[cuda,cudnn]" "nvidia-ml-py>=12"
+
+# r1box's side of the bench on an NVIDIA GPU: the model exported in float16 (cached), the CUDA provider
+bench-gpu MODEL="qwen2.5-coder-1.5b-instruct": install-gpu
+    #!/usr/bin/env bash
+    set -euo pipefail
+    artifact=$({{python}} -c 'import sys; from export.artifacts import cached_artifact; print(cached_artifact(sys.argv[1], dtype="float16"))' "{{MODEL}}")
+    {{python}} -m appliance.bench.run --artifact "$artifact" --provider cuda --out bench-results
 
 # the firmware image (x86-64 UEFI, A/B root slots, data and CONFIG partitions): `just image` or `just image arch=arm64`
 image ARCH="amd64": install kernel (image-tools trim_start_match(ARCH, "arch="))

@@ -14,11 +14,12 @@ from export.progress import say
 from export.quantize import QuantConfig
 
 
-def cached_artifact(name: str, quant: QuantConfig | None = None) -> Path:
+def cached_artifact(name: str, quant: QuantConfig | None = None, dtype: str = "float32") -> Path:
+    """dtype: float32 for the CPU, float16 for CUDA (export_model's)."""
     entry = lookup(name)
     quant = quant or QuantConfig(block_size=entry.block_size, int8_layers=entry.int8_layers)
     key = entry.mirror.sha256[:16] if entry.mirror else "hub"
-    out = cache_root() / "artifacts" / f"{name}-{key}-{quant.tag}"
+    out = cache_root() / "artifacts" / f"{name}-{key}-{quant.tag}{'-fp16' if dtype == 'float16' else ''}"
     if (out / "manifest.json").is_file():
         try:
             load_manifest(out)
@@ -26,4 +27,4 @@ def cached_artifact(name: str, quant: QuantConfig | None = None) -> Path:
         except ArtifactError as e:
             say(f"cached artifact is damaged, exporting again: {e}")
     say(f"exporting {name} once into {out}; later starts reuse it")
-    return export_model(name, out, quant, force=True)
+    return export_model(name, out, quant, force=True, dtype=dtype)

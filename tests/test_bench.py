@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import onnxruntime as ort
 import pytest
 
 from appliance.model import int4_kernel
@@ -28,6 +29,7 @@ def test_bench_ends_with_the_json_report(artifact, tmp_path):
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["model"] == "qwen2.5-coder-0.5b-instruct" and report["provider"] == "cpu"
     assert report["threads"] == 2 and report["genai"] is None
+    assert report["onnxruntime"] == ort.__version__ and report["gpu"] is None
     # the 0.5B's int4 MatMuls (o_proj, gate_up) run on r1box's kernel wherever it can run
     assert (report["int4_kernel_matmuls"] > 0) == (int4_kernel.unavailable() is None)
     r1 = report["r1box"]
@@ -48,3 +50,11 @@ def test_bench_ends_with_the_json_report(artifact, tmp_path):
     table = run.stdout.splitlines()[:-1]  # the readable table, then the plot's path, before the JSON line
     assert f"c16 aggregate decode tok/s{r1['c16']['throughput_tok_s']:>12}" in "\n".join(table)
     assert table[-1] == f"plot: {tmp_path / 'latency-qwen2.5-coder-0.5b-instruct.svg'}"
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="this onnxruntime has CUDA")
+def test_cuda_without_onnxruntime_gpu_says_how_to_get_it(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "appliance.bench.run", "--artifact", str(tmp_path), "--provider",
+                          "cuda"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert "no CUDAExecutionProvider" in run.stderr and "just install-gpu" in run.stderr

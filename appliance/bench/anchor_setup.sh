@@ -2,8 +2,11 @@
 # The anchor side of the benchmark: a separate virtualenv with onnxruntime-genai (and its model builder), and an int4
 # CPU model built with that builder from a GGUF file.
 #
-#   anchor_setup.sh                       # only make the venv
-#   anchor_setup.sh GGUF_PATH OUT_DIR     # make the venv, then build OUT_DIR (skipped if it is already built)
+#   anchor_setup.sh                           # only make the venv
+#   anchor_setup.sh GGUF_PATH OUT_DIR [EP]    # make the venv, then build OUT_DIR (skipped if it is already built)
+#
+# EP is the execution provider the model is built for: cpu (the default) or cuda (float16 activations, for
+# onnxruntime-genai-cuda on an NVIDIA box; the build itself runs on the CPU).
 #
 # The venv lives at ${R1BOX_CACHE:-$HOME/.cache/r1box}/genai-venv and is kept apart from r1box's own dependencies
 # (the builder wants transformers >= 5; r1box's export extra pins transformers < 4.58). Its python is printed last.
@@ -44,10 +47,12 @@ if [[ $# -eq 0 ]]; then
     echo "$VENV/bin/python"
     exit 0
 fi
-if [[ $# -ne 2 ]]; then
-    echo "usage: $0 [GGUF_PATH OUT_DIR]" >&2
+if [[ $# -lt 2 || $# -gt 3 ]]; then
+    echo "usage: $0 [GGUF_PATH OUT_DIR [cpu|cuda]]" >&2
     exit 2
 fi
+EP="${3:-cpu}"
+[[ "$EP" == cpu || "$EP" == cuda ]] || { echo "anchor_setup: EP must be cpu or cuda, not $EP" >&2; exit 2; }
 
 GGUF="$(realpath "$1")"
 OUT="$(realpath -m "$2")"
@@ -84,10 +89,10 @@ tok.save_pretrained(out)
 EOF
 log "dequantized in $((SECONDS - t0)) s"
 
-log "building int4 CPU model"
+log "building int4 model for $EP"
 t0=$SECONDS
 # The builder logs every tensor it quantizes and saves: keep that in a file, and show its tail only on failure.
-if ! "$VENV/bin/python" -m onnxruntime_genai.models.builder -i "$WORK/hf" -o "$WORK/out" -p int4 -e cpu \
+if ! "$VENV/bin/python" -m onnxruntime_genai.models.builder -i "$WORK/hf" -o "$WORK/out" -p int4 -e "$EP" \
         -c "$WORK/cache" >"$WORK/builder.log" 2>&1 || [[ ! -f "$WORK/out/genai_config.json" ]]; then
     tr '\r' '\n' <"$WORK/builder.log" | tail -n 30 >&2
     echo "anchor_setup: the model builder failed" >&2

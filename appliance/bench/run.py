@@ -29,11 +29,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from appliance.bench import llama as llama_cpp
 from appliance.bench.figures import decode_rate, decode_throughput, pct, peak_rss_mb, record
 from appliance.config import EngineConfig
-from appliance.model.decoder import Decoder, default_threads
+from appliance.errors import ArtifactError
+from appliance.model.decoder import Decoder, default_threads, pick_provider
 from appliance.model.engine import Engine, Finish
 from appliance.model.manifest import load_manifest
 from appliance.model.sampling import SamplingParams
@@ -267,14 +269,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-bin", help="folder of llama.cpp's binaries (llama_setup.sh)")
     ap.add_argument("--gguf", help="the GGUF file the artifact was exported from, for llama.cpp")
     ap.add_argument("--threads", type=int, default=default_threads())
+    ap.add_argument("--provider", choices=["cpu", "cuda", "auto"], default="cpu",
+                    help="r1box's execution provider (cuda: onnxruntime-gpu and a float16 artifact)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", default="bench-results", help="directory for the JSON and the plot")
     args = ap.parse_args(argv)
+    try:
+        provider = pick_provider(args.provider)
+    except ArtifactError as e:
+        raise SystemExit(f"bench: {e}") from None
     manifest = load_manifest(args.artifact)
     tok = ChatTokenizer(manifest)
     conversations = make_conversations(tok)
     prompts = {name: tok.encode(tok.render(messages)) for name, messages in conversations.items()}
-    decoder = Decoder(manifest, threads=args.threads)
+    decoder = Decoder(manifest, threads=args.threads, provider=provider)
     print(f"bench: {manifest.name} on {decoder.provider}, {args.threads} threads, prompts "
           f"{ {k: len(v) for k, v in prompts.items()} } tokens, {NEW_TOKENS} new tokens", file=sys.stderr)
     r1 = asyncio.run(measure_r1box(decoder, tok, conversations, args.runs))
@@ -291,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                                   CONCURRENCY)
     if genai or llama:
         take_turns(args, decoder, prompts["short"], r1, genai, llama)
-    report = {"model": manifest.name, "provider": decoder.provider, "threads": args.threads,
+    report = {"model": manifest.name, "provider": decoder.provider, "onnxruntime": ort.__version__,
+              "gpu": _gpu_name() if decoder.provider == "cuda" else None, "threads": args.threads,
               "cpu": _cpuinfo("model name"), "cpu_flags": _cpuinfo("flags"), "machine": platform.machine(),
               "quantization": manifest.raw["quantization"].get("tag")
               or {k: manifest.raw["quantization"].get(k) for k in ("bits", "block_size", "int8_layers")},
@@ -335,6 +344,15 @@ def take_turns(args, decoder: Decoder, prompt: list[int], r1: dict, genai: dict 
     print("  single-stream decode, median of every run: " + ", ".join(
         f"{side} {median[side]} tokens/s ({len(values)} runs)" for side, values in runs.items()), file=sys.stderr,
         flush=True)
+
+
+def _gpu_name() -> str:
+    """The GPU and its driver, as nvidia-smi names them."""
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def _cpuinfo(field: str) -> str:

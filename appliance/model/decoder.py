@@ -48,6 +48,9 @@ class Decoder:
         if manifest.kv.kind != "gqa-shared":
             raise ArtifactError(f"{manifest.directory}: KV layout {manifest.kv.kind!r} is not the shared-buffer "
                                 "layout this runtime drives. Export the model again with this version of r1box.")
+        if provider == "cuda" and manifest.kv.dtype != "float16":
+            raise ArtifactError(f"{manifest.directory}: a {manifest.kv.dtype} artifact; onnxruntime's CUDA attention "
+                                "takes float16 only. Export it with --dtype float16 for the GPU.")
         self.manifest = manifest
         self.io, kv = manifest.io, manifest.kv
         self.layers = len(kv.past_key)
@@ -58,7 +61,9 @@ class Decoder:
             (kv.past_key[layer], kv.present_key[layer]), (kv.past_value[layer], kv.present_value[layer]))]
         self.threads = threads or default_threads()
         try:
-            self.session = self._session(provider, int4 and provider == "cpu")
+            # the kernel takes float32 activations: a float16 artifact on the CPU (CUDA's, fallen back) keeps
+            # onnxruntime's MatMulNBits
+            self.session = self._session(provider, int4 and provider == "cpu" and kv.dtype == "float32")
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ArtifactError(f"{manifest.graph_path}: onnxruntime cannot load the graph on {provider} ({e}). "
                                 "Export the model again with this version of r1box.") from None
@@ -79,6 +84,8 @@ class Decoder:
                 log.warning("int4 kernel: not used (%s); onnxruntime's MatMulNBits serves", e)
         elif why_not:
             log.info("int4 kernel: not used (%s); onnxruntime's MatMulNBits serves", why_not)
+        if provider == "cuda":
+            _load_cuda_libraries()
         if provider == "cpu" and self.manifest.kept_gguf_blocks:
             rounded = int4_kernel.whole_zero_points(self.manifest.graph_path)
             log.warning("int4: %d MatMuls keep a GGUF's blocks, whose float zero points onnxruntime's CPU kernel "
@@ -164,6 +171,14 @@ class Decoder:
     def decode(self, cache: KvCache, slot: int, token: int) -> np.ndarray:
         """One sequence's decode step: append the token it just chose; the logits for the next one [vocab]."""
         return self.prefill(cache, slot, [token])
+
+
+def _load_cuda_libraries() -> None:
+    """CUDA and cuDNN from the nvidia-* wheels beside onnxruntime-gpu (`onnxruntime-gpu[cuda,cudnn]`, what
+    `just install-gpu` installs), which the dynamic loader does not search by itself; where they are not there,
+    onnxruntime looks on the loader's own path as before."""
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
 
 
 def open_decoder(manifest: Manifest, provider: str = "auto", threads: int | None = None,

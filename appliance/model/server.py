@@ -14,6 +14,7 @@ import logging
 import signal
 from pathlib import Path
 
+import onnxruntime as ort
 from aiohttp import web
 
 from appliance.app_keys import API_KEYS, CHAT, CONFIG, LISTENER, METRICS
@@ -33,9 +34,9 @@ from appliance.ops.systemd import systemd_ctx
 log = logging.getLogger(__name__)
 
 
-def resolve_artifact(model: ModelConfig) -> Path:
+def resolve_artifact(model: ModelConfig, providers: list[str] | None = None) -> Path:
     """The configured artifact, or the catalog model's cached one (exported on first use where the export stage
-    is installed)."""
+    is installed): in float16 where CUDA may serve it, since the GPU's attention takes nothing else."""
     if model.artifact:
         return Path(model.artifact).expanduser()
     try:
@@ -43,7 +44,13 @@ def resolve_artifact(model: ModelConfig) -> Path:
     except ImportError:
         raise ConfigError("[model] artifact is empty and the export stage is not installed; set artifact to an "
                           "exported directory, or pip install 'r1box[export]'.") from None
-    return cached_artifact(model.name)
+    return cached_artifact(model.name, dtype=artifact_dtype(model.provider, providers))
+
+
+def artifact_dtype(provider: str, providers: list[str] | None = None) -> str:
+    """float16 where CUDA may serve (provider auto or cuda, and this onnxruntime has it), else float32."""
+    providers = ort.get_available_providers() if providers is None else providers
+    return "float16" if provider != "cpu" and "CUDAExecutionProvider" in providers else "float32"
 
 
 def open_chat(model: ModelConfig, engine_config: EngineConfig, metrics: Metrics | None = None) -> ChatService:
