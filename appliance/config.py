@@ -57,15 +57,16 @@ class EngineConfig:
     # memory for the running sequences' KV: each is admitted with room for its prompt and its whole answer, and waits
     # while that room is taken (slots × max_length is address space on the CPU; only cached positions take memory)
     kv_cache_mb: int = 1024
-    prefill_chunk: int = 256  # prompt tokens per pass, between two decode steps of the running streams
+    prefill_chunk: int = 0  # prompt tokens per pass, between two decode steps of the running streams; 0: the
+    # provider's (engine.PREFILL_CHUNK)
     prefix_cache_mb: int = 256
     think_budget: int = 1024  # reasoning tokens before </think> is forced; 0: no limit
 
     def __post_init__(self):
         if not 1 <= self.max_batch <= 64:
             raise ValueError("max_batch must be between 1 and 64")
-        if self.max_waiting < 0 or self.max_length < 16 or self.prefill_chunk < 1 or self.prefix_cache_mb < 0:
-            raise ValueError("max_waiting ≥ 0, max_length ≥ 16, prefill_chunk ≥ 1, prefix_cache_mb ≥ 0")
+        if self.max_waiting < 0 or self.max_length < 16 or self.prefill_chunk < 0 or self.prefix_cache_mb < 0:
+            raise ValueError("max_waiting ≥ 0, max_length ≥ 16, prefill_chunk ≥ 0, prefix_cache_mb ≥ 0")
         if self.kv_cache_mb < 1:
             raise ValueError("kv_cache_mb must be at least 1")
 

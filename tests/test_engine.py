@@ -8,7 +8,7 @@ import pytest
 from appliance.config import EngineConfig
 from appliance.errors import EngineBusy, RequestError
 from appliance.model.decoder import Decoder
-from appliance.model.engine import Engine, Finish
+from appliance.model.engine import PREFILL_CHUNK, Engine, Finish
 from appliance.model.generate import generate
 from appliance.model.manifest import load_manifest
 from appliance.model.sampling import SamplingParams
@@ -58,6 +58,23 @@ async def test_batched_requests_equal_each_run_alone(artifact):
     stats = engine.stats()
     assert stats["running"] == stats["waiting"] == 0 and stats["free_slots"] == 4
     assert stats["decode_steps"] < 7 * 11  # decode steps were shared
+
+
+async def test_an_unset_prefill_chunk_is_the_providers(artifact):
+    manifest, _ = artifact
+    engine = _engine(manifest)  # [engine] prefill_chunk left at 0
+    passes, prefill = [], engine.decoder.prefill
+
+    def counted(cache, slot, tokens, chunk=0):
+        passes.append(len(tokens))
+        return prefill(cache, slot, tokens, chunk)
+
+    engine.decoder.prefill = counted
+    try:
+        await _collect(engine, list(range(1000, 1300)), SamplingParams(max_tokens=2))
+    finally:
+        engine.stop()
+    assert passes == [PREFILL_CHUNK["cpu"], 300 - PREFILL_CHUNK["cpu"]]
 
 
 async def test_prefix_reuse_gives_the_same_tokens_with_less_prefill(artifact):

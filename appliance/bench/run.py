@@ -36,7 +36,7 @@ from appliance.bench.figures import decode_rate, decode_throughput, pct, peak_rs
 from appliance.config import EngineConfig
 from appliance.errors import ArtifactError
 from appliance.model.decoder import Decoder, default_threads, pick_provider
-from appliance.model.engine import Engine, Finish
+from appliance.model.engine import PREFILL_CHUNK, Engine, Finish
 from appliance.model.manifest import load_manifest
 from appliance.model.sampling import SamplingParams
 from appliance.model.tokenizer import ChatTokenizer
@@ -69,13 +69,13 @@ async def _one(engine: Engine, prompt: list[int], params: SamplingParams) -> dic
     return record(start, stamps, tokens, reused=finish.reused_tokens)
 
 
-async def measure_r1box(decoder: Decoder, tok: ChatTokenizer, conversations: dict[str, list[dict]], runs: int
-                        ) -> dict:
+async def measure_r1box(decoder: Decoder, tok: ChatTokenizer, conversations: dict[str, list[dict]], runs: int,
+                        prefill_chunk: int = EngineConfig.prefill_chunk) -> dict:
     prompts = {name: tok.encode(tok.render(messages)) for name, messages in conversations.items()}
     params = SamplingParams(max_tokens=NEW_TOKENS)
     # stop ids empty: every run makes exactly NEW_TOKENS, as genai's masked end-of-sequence does. The cache is the
     # service's own (4096 positions a slot, the default KV budget): memory follows the tokens held, not its size.
-    engine = Engine(decoder, EngineConfig(max_batch=16, max_waiting=64, prefix_cache_mb=0), stop_ids=frozenset())
+    engine = Engine(decoder, EngineConfig(max_batch=16, max_waiting=64, prefix_cache_mb=0, prefill_chunk=prefill_chunk), stop_ids=frozenset())
     engine.start()
     out: dict = {"prompts": {}}
     try:
@@ -111,7 +111,7 @@ async def measure_r1box(decoder: Decoder, tok: ChatTokenizer, conversations: dic
                                                                   "itl_ms_p99", "decode_tok_s")})
     finally:
         engine.stop()
-    out["prefix_reuse"] = await _second_turn(decoder, tok, conversations["long"])
+    out["prefix_reuse"] = await _second_turn(decoder, tok, conversations["long"], prefill_chunk)
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
@@ -130,11 +130,12 @@ async def decode_again(decoder: Decoder, prompt: list[int], runs: int) -> list[f
     return [decode_rate(r) for r in results]
 
 
-async def _second_turn(decoder: Decoder, tok: ChatTokenizer, first_turn: list[dict]) -> dict:
+async def _second_turn(decoder: Decoder, tok: ChatTokenizer, first_turn: list[dict], prefill_chunk: int) -> dict:
     """A follow-up question after the long turn: time to first token with the first turn's KV reused, and without."""
     result = {}
     for label, budget in (("cold", 0), ("warm", 256)):
-        engine = Engine(decoder, EngineConfig(max_batch=1, max_length=1024, prefix_cache_mb=budget),
+        engine = Engine(decoder, EngineConfig(max_batch=1, max_length=1024, prefix_cache_mb=budget,
+                                              prefill_chunk=prefill_chunk),
                         stop_ids=frozenset())
         engine.start()
         try:
@@ -272,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--provider", choices=["cpu", "cuda", "auto"], default="cpu",
                     help="r1box's execution provider (cuda: onnxruntime-gpu and a float16 artifact)")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--prefill-chunk", type=int, default=EngineConfig.prefill_chunk,
+                    help="prompt tokens a pass, as [engine] prefill_chunk (0: the provider's)")
     ap.add_argument("--out", default="bench-results", help="directory for the JSON and the plot")
     args = ap.parse_args(argv)
     try:
@@ -285,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     decoder = Decoder(manifest, threads=args.threads, provider=provider)
     print(f"bench: {manifest.name} on {decoder.provider}, {args.threads} threads, prompts "
           f"{ {k: len(v) for k, v in prompts.items()} } tokens, {NEW_TOKENS} new tokens", file=sys.stderr)
-    r1 = asyncio.run(measure_r1box(decoder, tok, conversations, args.runs))
+    r1 = asyncio.run(measure_r1box(decoder, tok, conversations, args.runs, args.prefill_chunk))
     genai = llama = None
     if args.anchor_python and args.anchor_model:
         print("bench: onnxruntime-genai …", file=sys.stderr, flush=True)
@@ -301,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         take_turns(args, decoder, prompts["short"], r1, genai, llama)
     report = {"model": manifest.name, "provider": decoder.provider, "onnxruntime": ort.__version__,
               "gpu": _gpu_name() if decoder.provider == "cuda" else None, "threads": args.threads,
+              "prefill_chunk": args.prefill_chunk or PREFILL_CHUNK[decoder.device],
               "cpu": _cpuinfo("model name"), "cpu_flags": _cpuinfo("flags"), "machine": platform.machine(),
               "quantization": manifest.raw["quantization"].get("tag")
               or {k: manifest.raw["quantization"].get(k) for k in ("bits", "block_size", "int8_layers")},

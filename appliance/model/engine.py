@@ -61,6 +61,11 @@ class _Sequence:
     first_token_at: float | None = None
 
 
+# Prompt tokens a pass unless configured: what running streams wait for between two of their tokens. On two CPU
+# cores 256 take the 1.5B about 1.4 s; an H200 took its 543-token prompt in one pass in 7.7 ms, against 15.5 in three.
+PREFILL_CHUNK = {"cpu": 256, "cuda": 1024}
+
+
 class Engine:
     def __init__(self, decoder: Decoder, config: EngineConfig = EngineConfig(), *, stop_ids: frozenset[int],
                  think: dict | None = None, fallback: Callable[[], Decoder] | None = None):
@@ -213,7 +218,7 @@ class Engine:
     def _step(self, running: list[_Sequence]) -> None:
         # 1. prefill up to prefill_chunk prompt tokens, oldest prompt first: a long prompt goes in chunks, several
         #    short ones in one pass (a burst of new conversations does not cost a decode step each)
-        budget = self.config.prefill_chunk
+        budget = self.config.prefill_chunk or PREFILL_CHUNK[self.decoder.device]
         for seq in [s for s in running if s.prefilled < len(s.context) and not s.cancelled]:
             if budget <= 0:
                 break
