@@ -57,8 +57,8 @@ class EngineConfig:
     # memory for the running sequences' KV: each is admitted with room for its prompt and its whole answer, and waits
     # while that room is taken (slots × max_length is address space on the CPU; only cached positions take memory)
     kv_cache_mb: int = 1024
-    prefill_chunk: int = 0  # prompt tokens per pass, between two decode steps of the running streams; 0: the
-    # provider's (engine.PREFILL_CHUNK)
+    # prompt tokens per pass, between two decode steps of the running streams; 0: the provider's (engine.PREFILL_CHUNK)
+    prefill_chunk: int = 0
     prefix_cache_mb: int = 256
     think_budget: int = 1024  # reasoning tokens before </think> is forced; 0: no limit
 

@@ -75,7 +75,8 @@ async def measure_r1box(decoder: Decoder, tok: ChatTokenizer, conversations: dic
     params = SamplingParams(max_tokens=NEW_TOKENS)
     # stop ids empty: every run makes exactly NEW_TOKENS, as genai's masked end-of-sequence does. The cache is the
     # service's own (4096 positions a slot, the default KV budget): memory follows the tokens held, not its size.
-    engine = Engine(decoder, EngineConfig(max_batch=16, max_waiting=64, prefix_cache_mb=0, prefill_chunk=prefill_chunk), stop_ids=frozenset())
+    engine = Engine(decoder, EngineConfig(max_batch=16, max_waiting=64, prefix_cache_mb=0, prefill_chunk=prefill_chunk),
+                    stop_ids=frozenset())
     engine.start()
     out: dict = {"prompts": {}}
     try:
