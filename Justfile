@@ -101,8 +101,8 @@ bench MODEL="qwen2.5-coder-1.5b-instruct" THREADS="2": install build-tools kerne
         --anchor-python "$anchor_python" --anchor-model "$cache/genai-models/{{MODEL}}-int4" \
         --llama-bin "$llama_bin" --gguf "$gguf"
 
-# r1box's int4 kernel for x86 CPUs with AVX512-VNNI (appliance/model/int4_kernel.py), built once per source with
-# g++ against Debian's onnxruntime headers, in seconds; without g++ and root it is skipped and MatMulNBits serves
+# r1box's int4 kernel for x86 CPUs with AVX2 or AVX512-VNNI (appliance/model/int4_kernel.py), built once per source
+# with g++ against Debian's onnxruntime headers, in seconds; without g++ and root it is skipped and MatMulNBits serves
 kernel: install
     #!/usr/bin/env bash
     set -euo pipefail

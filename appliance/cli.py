@@ -308,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-gptq", action="store_true",
                    help="round each block alone instead of GPTQ on the model's own answers (faster, less accurate)")
     p.add_argument("--keep-gguf-blocks", action="store_true",
-                   help="keep a GGUF's Q4_K blocks as they are (block 32; exact on AVX512-VNNI CPUs, rounded elsewhere)")
+                   help="keep a GGUF's Q4_K blocks as they are (block 32; exact on x86 CPUs with AVX2, rounded "
+                        "elsewhere)")
     p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits compute type: 4 = int8 activations (fastest on CPU)")
     p.add_argument("--fp32-embedding", action="store_true", help="keep the embedding table unquantized")

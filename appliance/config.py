@@ -40,7 +40,7 @@ class ModelConfig:
     provider: str = "auto"  # auto, cpu or cuda
     threads: int = 0  # 0: every core this process may use
     huge_pages: bool = True  # back the weights with transparent huge pages on the CPU (appliance/model/hugepages.py)
-    int4_kernel: bool = True  # r1box's int4 MatMul on CPUs with AVX512-VNNI (appliance/model/int4_kernel.py)
+    int4_kernel: bool = True  # r1box's int4 MatMul on x86 CPUs with AVX2 (appliance/model/int4_kernel.py)
 
     def __post_init__(self):
         if self.provider not in ("auto", "cpu", "cuda"):

@@ -32,6 +32,7 @@ def test_bench_ends_with_the_json_report(artifact, tmp_path):
     assert report["onnxruntime"] == ort.__version__ and report["gpu"] is None
     # the 0.5B's int4 MatMuls (o_proj, gate_up) run on r1box's kernel wherever it can run
     assert (report["int4_kernel_matmuls"] > 0) == (int4_kernel.unavailable() is None)
+    assert report["int4_kernel_path"] == (int4_kernel.cpu_path() if report["int4_kernel_matmuls"] else None)
     r1 = report["r1box"]
     latency = {"ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "decode_tok_s"}
     assert latency <= set(r1["c1"]) and all(r1["c1"][k] > 0 for k in latency)

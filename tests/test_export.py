@@ -1,9 +1,11 @@
 """`r1box export` on a tiny random Qwen2 with the real R1 tokenizer: graph, quantization, manifest, parity, and
 the failures that must leave nothing behind."""
 
+import fcntl
 import json
 import os
 import shutil
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 
 from appliance.errors import ExportError, ModelSourceError, UnsupportedModelError
 from appliance.model.manifest import sha256_of
+from export.artifacts import artifact_path, cached_artifact
 from export.pipeline import export_model
 from export.quantize import QuantConfig
 from tests.conftest import read_manifest
@@ -50,7 +53,8 @@ def test_manifest_describes_the_artifact(tiny_int4):
     assert 151643 in m["chat"]["stop_ids"]
     assert m["tokenizer"]["bos_token"] == "<｜begin▁of▁sentence｜>"
     assert {"torch", "transformers", "onnxruntime"} <= set(m["export"]["tools"])
-    assert set(m["export"]["step_seconds"]) >= {"load weights", "build the fused decoder graph (float32)", "parity check"}
+    assert set(m["export"]["step_seconds"]) >= {"load weights", "build the fused decoder graph (float32)",
+                                                "parity check"}
     assert m["model"]["source"]["kind"] == "hf-dir"
 
 
@@ -78,6 +82,33 @@ def test_fp32_artifact_matches_torch_exactly(tiny_fp32):
     assert parity["max_abs_logit_diff"] < 1e-3 and parity["kl_divergence"] < 1e-6
     assert len(parity["cases"]) == 8 and parity["passed"]
     assert _ops(tiny_fp32)["MatMulNBits"] == 0
+
+
+def test_the_same_source_and_recipe_give_the_same_bytes(tiny_int4, tiny_hf_dir, tmp_path):
+    """GPTQ's calibration answers, its column loop and the block search are all deterministic on one machine: an
+    artifact exported again is the same artifact, so a parity figure that moves comes from how it is read."""
+    again = export_model(str(tiny_hf_dir), tmp_path / "again", QuantConfig(), min_agreement=0.0)
+    first, second = read_manifest(tiny_int4), read_manifest(again)
+    assert {n: f["sha256"] for n, f in first["files"].items()} == {n: f["sha256"] for n, f in second["files"].items()}
+    assert first["parity"]["cases"] == second["parity"]["cases"]
+
+
+def test_a_second_process_waits_for_the_cached_export(tiny_int4, monkeypatch, tmp_path):
+    """Two starts at once (a test run beside `r1box chat`): the second waits on the first's lock instead of clearing
+    its staging folder, then takes the finished artifact."""
+    monkeypatch.setenv("R1BOX_CACHE", str(tmp_path))
+    out, _ = artifact_path("qwen2.5-coder-0.5b-instruct")
+    out.parent.mkdir(parents=True)
+    got = []
+    with open(out.with_name(out.name + ".lock"), "w") as first:
+        fcntl.flock(first, fcntl.LOCK_EX)
+        second = threading.Thread(target=lambda: got.append(cached_artifact("qwen2.5-coder-0.5b-instruct")))
+        second.start()
+        second.join(1.0)
+        assert second.is_alive() and not got
+        shutil.copytree(tiny_int4, out)  # the first process's export, finished
+    second.join(30)
+    assert got == [out]
 
 
 def test_int4_parity_is_reported(tiny_int4):

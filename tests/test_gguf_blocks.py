@@ -78,7 +78,7 @@ def test_matmulnbits_and_the_kernel_read_float_zero_points_as_the_gguf_means_the
     theirs = _matmul([b, scales.ravel(), zeros.ravel()], k, n, "MatMulNBits").run(None, {"A": a})[0]
     np.testing.assert_allclose(theirs, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
     if not int4_kernel.cpu_supports():
-        pytest.skip("this CPU lacks AVX512-VNNI: the kernel's half of the check cannot run")
+        pytest.skip("this CPU lacks AVX2/FMA: the kernel's half of the check cannot run")
     library = int4_kernel.build()
     ours = _matmul(list(int4_kernel.pack(b, scales, zeros, n, k, BLOCK)), k, n, int4_kernel.OP, library)
     # the kernel's arithmetic: activations rounded to int8 per block of 32 (127 / amax), exact weights

@@ -1,7 +1,8 @@
 """r1box's int4 kernel (appliance/model/int4_kernel.py): the same products as MatMulNBits, the same model answers.
 
 Built for real (g++ against Debian's onnxruntime headers) and run inside onnxruntime beside MatMulNBits on the
-same weights; skipped, with the reason, on a CPU without AVX512-VNNI."""
+same weights, by each of its paths the CPU can run (AVX512-VNNI where it has it, AVX2 always); skipped, with the reason,
+on a CPU without AVX2."""
 
 import numpy as np
 import onnxruntime as ort
@@ -13,12 +14,25 @@ from appliance.model.decoder import Decoder
 from appliance.model.manifest import load_manifest
 from appliance.model.tokenizer import ChatTokenizer
 
-needs_vnni = pytest.mark.skipif(not int4_kernel.cpu_supports(), reason="this CPU lacks AVX512-VNNI: MatMulNBits serves")
+needs_kernel = pytest.mark.skipif(not int4_kernel.cpu_supports(), reason="this CPU lacks AVX2/FMA: MatMulNBits serves")
 
 
 @pytest.fixture(scope="module")
 def library():
     return int4_kernel.build()
+
+
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def each_path(request):
+    """The library as built, taking the best path this CPU has, and a build that takes the AVX2 path whatever the
+    CPU has; on an AVX2 machine the two are the same path."""
+    if request.param == "native":
+        built = int4_kernel.build()
+        assert int4_kernel.library_path(built) == int4_kernel.cpu_path()
+    else:
+        built = int4_kernel.build(("-DR1BOX_AVX2_ONLY",))
+        assert int4_kernel.library_path(built) == "avx2"
+    return built
 
 
 def _session(op: str, inputs: list[np.ndarray], k: int, n: int, block: int, library=None) -> ort.InferenceSession:
@@ -39,18 +53,18 @@ def _session(op: str, inputs: list[np.ndarray], k: int, n: int, block: int, libr
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-@needs_vnni
+@needs_kernel
 @pytest.mark.parametrize("k,n,block,zero_points", [(256, 96, 32, True), (384, 160, 128, True), (512, 48, 64, False),
-                                                   (1536, 2048, 128, True)])
-def test_products_equal_matmulnbits(library, k, n, block, zero_points):
+                                                   (1536, 2048, 128, True), (48, 32, 16, True)])
+def test_products_equal_matmulnbits(each_path, k, n, block, zero_points):
     rng = np.random.default_rng(k + n)
     blocks = k // block
     b = rng.integers(0, 256, (n, blocks, block // 2), dtype=np.uint8)
     scales = rng.uniform(0.001, 0.02, n * blocks).astype(np.float32)
     zeros = rng.integers(0, 256, n * ((blocks + 1) // 2), dtype=np.uint8) if zero_points else None
     theirs = _session("MatMulNBits", [b, scales] + ([zeros] if zero_points else []), k, n, block)
-    ours = _session(int4_kernel.OP, list(int4_kernel.pack(b, scales, zeros, n, k, block)), k, n, block, library)
-    for rows in (1, 3, 16, 37):  # one stream, a few, a full tile of rows, and more than one tile with a remainder
+    ours = _session(int4_kernel.OP, list(int4_kernel.pack(b, scales, zeros, n, k, block)), k, n, block, each_path)
+    for rows in (1, 2, 3, 9, 16, 37):  # one stream, a few, full tiles of rows, and more than one with a remainder
         a = rng.standard_normal((rows, k)).astype(np.float32)
         a[:, 7] *= 40  # an outlier channel, as real hidden states have
         expected, got = theirs.run(None, {"A": a})[0], ours.run(None, {"A": a})[0]
@@ -58,7 +72,7 @@ def test_products_equal_matmulnbits(library, k, n, block, zero_points):
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
 
 
-@needs_vnni
+@needs_kernel
 def test_wrong_shapes_are_refused(library):
     k, n, block = 64, 16, 32
     b = np.zeros((n, k // block, block // 2), np.uint8)
@@ -72,7 +86,7 @@ def test_wrong_shapes_are_refused(library):
         short.run(None, {"A": np.zeros((1, k), np.float32)})
 
 
-@needs_vnni
+@needs_kernel
 def test_tiny_model_logits_match(library, tiny_int4):
     manifest = load_manifest(tiny_int4)
     theirs, ours = Decoder(manifest, threads=2, int4=False), Decoder(manifest, threads=2, int4=True)
@@ -94,7 +108,7 @@ def test_without_the_library_matmulnbits_serves(tiny_int4, monkeypatch, tmp_path
     assert decoder.prefill(cache, 0, [1, 2, 3]).shape == (decoder.vocab,)
 
 
-@needs_vnni
+@needs_kernel
 def test_a_broken_library_leaves_matmulnbits_serving(tiny_int4, monkeypatch, tmp_path):
     monkeypatch.setenv("R1BOX_CACHE", str(tmp_path))
     int4_kernel.cache_library().parent.mkdir(parents=True)
@@ -105,13 +119,15 @@ def test_a_broken_library_leaves_matmulnbits_serving(tiny_int4, monkeypatch, tmp
 
 
 def test_cpu_flags_are_read_from_cpuinfo():
-    line = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl"
-    assert not int4_kernel.cpu_supports(line)
-    assert int4_kernel.cpu_supports(line + " avx512_vnni")
+    assert int4_kernel.cpu_path("flags\t\t: fpu sse2 avx") is None
+    assert int4_kernel.cpu_path("flags\t\t: fpu sse2 avx2") is None  # FMA too: the scales are applied with it
+    line = "flags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512vl"
+    assert int4_kernel.cpu_path(line) == "avx2"
+    assert int4_kernel.cpu_path(line + " avx512_vnni") == "avx512-vnni"
 
 
 @pytest.mark.slow
-@needs_vnni
+@needs_kernel
 def test_real_model_answers_as_matmulnbits_does(library):
     """The 0.5B, teacher-forced on MatMulNBits's own greedy answer: the same top-1 wherever MatMulNBits leads by
     half a logit (a near tie flips under any change of arithmetic, onnxruntime's own graph optimizations included)."""

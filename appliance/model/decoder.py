@@ -75,7 +75,7 @@ class Decoder:
     def _session(self, provider: str, int4: bool) -> ort.InferenceSession:
         """The artifact's graph, or on a CPU that has the instructions its MatMulNBits as r1box's int4 kernel
         (appliance/model/int4_kernel.py)."""
-        self.int4_matmuls, self._int4_weights = 0, ()
+        self.int4_matmuls, self.int4_path, self._int4_weights = 0, None, ()
         why_not = int4_kernel.unavailable() if int4 else None
         if int4 and not why_not:
             try:
@@ -96,9 +96,10 @@ class Decoder:
 
     def _int4_session(self, provider: str) -> ort.InferenceSession:
         rewritten = int4_kernel.rewrite(self.manifest.graph_path)
-        session = self._rewritten_session(provider, rewritten, int4_kernel.built_library())
-        self.int4_matmuls = rewritten.matmuls
-        log.info("int4 kernel: %d MatMuls on r1box's AVX512-VNNI kernel", rewritten.matmuls)
+        library = int4_kernel.built_library()
+        session = self._rewritten_session(provider, rewritten, library)
+        self.int4_matmuls, self.int4_path = rewritten.matmuls, int4_kernel.library_path(library)
+        log.info("int4 kernel: %d MatMuls on r1box's kernel (its %s path)", rewritten.matmuls, self.int4_path)
         return session
 
     def _rewritten_session(self, provider: str, rewritten: int4_kernel.Rewritten, library=None

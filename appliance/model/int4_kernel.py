@@ -1,4 +1,4 @@
-"""r1box's int4 MatMul for x86 CPUs with AVX512-VNNI (kernels/matmul_int4.cc), swapped in for MatMulNBits at load.
+"""r1box's int4 MatMul for x86 CPUs (kernels/matmul_int4.cc), swapped in for MatMulNBits at load.
 
 onnxruntime's MatMulNBits (int8 activations, accuracy level 4) unpacks each block of weights for one row of
 activations at a time, so a batched decode step of 16 sequences costs almost 16 single steps: on two cores of this
@@ -6,6 +6,8 @@ project's EPYC it reaches 106 / 161 G multiply-adds/s at 1 / 16 rows. Our op doe
 int8 blocks of activations, whole-number dot products, the two scales after) with weights laid out for vpdpbusd:
 each 32-bit lane is an output column, so one unpacked block serves every row and nothing is summed across lanes.
 Its outputs equal MatMulNBits's to float rounding (about 1e-7 of the largest); a single row runs within 3 % of it.
+On CPUs without AVX512-VNNI (AMD before Zen 4, Intel before Ice Lake) the same layout is read with AVX2's
+vpmaddubsw and vpmaddwd, half a tile at a time; the library holds both paths and picks one at load.
 
 The artifact stays standard MatMulNBits (the CUDA provider and ARM boxes run it as it is): at load, on a CPU that
 has the instructions and with the library built, each eligible MatMulNBits node becomes ai.r1box's MatMulInt4 and
@@ -45,8 +47,10 @@ SOURCE = Path(__file__).with_name("kernels") / "matmul_int4.cc"
 INSTALLED = Path("/usr/lib/r1box/libr1box_int4.so")
 HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
                "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
-COMPILE = ("-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fPIC", "-shared")
+CPU_FLAGS = ("avx2", "fma")  # the least the kernel needs; the AVX512-VNNI path is taken where the CPU has it
+VNNI_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+# each path carries its own target attributes: the library itself loads on any x86-64
+COMPILE = ("-O3", "-std=c++17", "-fPIC", "-shared")
 LANES = 16  # output columns per tile: one zmm register of 32-bit sums
 
 
@@ -54,14 +58,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("R1BOX_CACHE") or Path.home() / ".cache" / "r1box") / "kernels"
 
 
-def _key() -> str:
+def _key(defines: tuple[str, ...]) -> str:
     digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update(" ".join(COMPILE).encode() + HEADERS_DEB[1].encode())
+    digest.update(" ".join(COMPILE + defines).encode() + HEADERS_DEB[1].encode())
     return digest.hexdigest()[:16]
 
 
-def cache_library() -> Path:
-    return cache_dir() / f"libr1box_int4-{_key()}.so"
+def cache_library(defines: tuple[str, ...] = ()) -> Path:
+    return cache_dir() / f"libr1box_int4-{_key(defines)}.so"
 
 
 def built_library() -> Path | None:
@@ -72,16 +76,31 @@ def built_library() -> Path | None:
     return None
 
 
-def cpu_supports(cpuinfo: str | None = None) -> bool:
+def cpu_path(cpuinfo: str | None = None) -> str | None:
+    """Which of the kernel's paths this CPU runs: "avx512-vnni", "avx2", or None (not x86, or neither)."""
     if cpuinfo is None:
         if platform.machine() not in ("x86_64", "AMD64"):
-            return False
+            return None
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
-            return False
+            return None
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    return all(flag in flags for flag in CPU_FLAGS)
+    if all(flag in flags for flag in VNNI_FLAGS):
+        return "avx512-vnni"
+    return "avx2" if all(flag in flags for flag in CPU_FLAGS) else None
+
+
+def cpu_supports(cpuinfo: str | None = None) -> bool:
+    return cpu_path(cpuinfo) is not None
+
+
+def library_path(library: Path) -> str | None:
+    """The path a built library takes on this CPU, as it says itself ("avx512-vnni", "avx2"; None for neither)."""
+    chooser = ctypes.CDLL(str(library)).r1box_int4_isa
+    chooser.restype = ctypes.c_char_p
+    name = chooser()
+    return name.decode() if name else None
 
 
 def unavailable() -> str | None:
@@ -93,9 +112,10 @@ def unavailable() -> str | None:
     return None
 
 
-def build() -> Path:
-    """Compile the library into the cache (a no-op when this source is built); returns its path."""
-    target = cache_library()
+def build(defines: tuple[str, ...] = ()) -> Path:
+    """Compile the library into the cache (a no-op when this source is built); returns its path. defines: extra
+    -D flags, for the tests' AVX2-only variant (-DR1BOX_AVX2_ONLY), which lets a VNNI machine check that path too."""
+    target = cache_library(defines)
     if target.is_file():
         return target
     compiler = shutil.which("g++")
@@ -105,7 +125,7 @@ def build() -> Path:
     headers = _headers()
     print(f"building the int4 kernel into {target}", file=sys.stderr)
     partial = target.with_suffix(".partial")
-    done = subprocess.run([compiler, *COMPILE, f"-I{headers}", str(SOURCE), "-o", str(partial)],
+    done = subprocess.run([compiler, *COMPILE, *defines, f"-I{headers}", str(SOURCE), "-o", str(partial)],
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise R1boxError(f"g++ could not build {SOURCE.name}:\n{done.stderr[-2000:]}")
@@ -160,8 +180,8 @@ def eligible(attrs: dict, inputs: int) -> bool:
 def pack(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, n: int, k: int, block: int
          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MatMulNBits's tensors → MatMulInt4's, by the library's own packer (numpy's transposes took 5.5 s on the
-    1.5B's 113 MatMuls at load, C takes a fraction): weights [N/16][K/block][block/8][64] (byte 4j+i of group g: column j's k = 8g+i low, 8g+4+i
-    high), scales and zero points as float [N/16][K/block][16]."""
+    1.5B's 113 MatMuls at load, C takes a fraction): weights [N/16][K/block][block/8][64] (byte 4j+i of group g:
+    column j's k = 8g+i low, 8g+4+i high), scales and zero points as float [N/16][K/block][16]."""
     library = ctypes.CDLL(str(built_library()))
     blocks = k // block
     weights = np.empty(n * k // 2, np.uint8)
@@ -302,6 +322,8 @@ def main() -> None:
     if not cpu_supports():
         print(f"note: this CPU lacks {'/'.join(CPU_FLAGS)}; the library is for boxes that have them",
               file=sys.stderr)
+    else:
+        print(f"this CPU runs the kernel's {cpu_path()} path", file=sys.stderr)
 
 
 if __name__ == "__main__":
