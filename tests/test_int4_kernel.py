@@ -1,8 +1,8 @@
 """r1box's int4 kernel (appliance/model/int4_kernel.py): the same products as MatMulNBits, the same model answers.
 
 Built for real (g++ against Debian's onnxruntime headers) and run inside onnxruntime beside MatMulNBits on the
-same weights, by each of its paths the CPU can run (AVX512-VNNI where it has it, AVX2 always); skipped, with the reason,
-on a CPU without AVX2."""
+same weights, by each of its paths the CPU can run (AVX512-VNNI where it has it, AVX2 always); skipped, with the
+reason, on a CPU without AVX2."""
 
 import numpy as np
 import onnxruntime as ort
