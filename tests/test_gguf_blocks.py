@@ -3,6 +3,7 @@ dequantization, and the same products through onnxruntime's MatMulNBits with flo
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -194,9 +195,9 @@ def test_an_export_keeps_the_gguf_s_blocks_and_serves_them_both_ways(tiny_q4k, t
 
     # without GPTQ, whose lm_head over the R1 vocabulary takes minutes; the real 1.5B's export runs it (README)
     kept = export_model(str(tiny_q4k), tmp_path / "kept", QuantConfig(block_size=32, gptq=False, gguf_blocks=True),
-                        min_agreement=0.0)
+                        max_kl_divergence=math.inf)
     redone = export_model(str(tiny_q4k), tmp_path / "redone", QuantConfig(block_size=32, gptq=False),
-                          min_agreement=0.0)
+                          max_kl_divergence=math.inf)
     manifest = load_manifest(kept)
     assert manifest.kept_gguf_blocks == 2 * 4  # qkv (q and k kept, v quantized), o, gate|up, down; not lm_head
     assert load_manifest(redone).kept_gguf_blocks == 0

@@ -217,7 +217,8 @@ def test_a_damaged_artifact_or_a_failed_parity_gate_is_refused(tiny_int4, tmp_pa
     failed = tmp_path / "failed"
     shutil.copytree(tiny_int4, failed)
     manifest = json.loads((failed / "manifest.json").read_text())
-    manifest["parity"] = {**(manifest.get("parity") or {}), "passed": False, "agreement": 0.5, "threshold": 0.9}
+    manifest["parity"] = {**(manifest.get("parity") or {}), "passed": False, "kl_divergence": 0.4,
+                          "max_kl_divergence": 0.05}
     (failed / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(records.ReleaseError, match="parity"):
         check_artifact(str(failed))

@@ -33,8 +33,9 @@ def check_artifact(path: str) -> str:
         raise ReleaseError(f"the candidate artifact is refused: {e}") from None
     parity = manifest.raw.get("parity") or {}
     if parity and not parity.get("passed", False):
-        raise ReleaseError(f"the candidate artifact {path} failed its parity check at export (top-1 agreement "
-                           f"{parity.get('agreement')} below {parity.get('threshold')}); export it again")
+        raise ReleaseError(f"the candidate artifact {path} failed its parity check at export (KL divergence "
+                           f"{parity.get('kl_divergence')}, top-1 agreement {parity.get('agreement')}); export it "
+                           "again")
     return manifest.raw.get("model", {}).get("name") or Path(path).name
 
 
