@@ -50,9 +50,9 @@ HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxrunt
                "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
 CPU_FLAGS = ("avx2", "fma")  # the least the kernel needs; the AVX512-VNNI path is taken where the CPU has it
 VNNI_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
-# the paths the decoder serves by itself. AVX2's products equal MatMulNBits's and one MatMul runs 1.5–1.9× faster
-# (a Zen 2), but a real model was not measured end to end with it, and the image's boot test, under emulation with
-# the path on, did not come up healthy in 10 minutes (not traced): until both are, MatMulNBits serves AVX2 CPUs
+# the paths the decoder serves by itself. AVX2's was measured end to end on a Zen 2 (the 1.5B: 1.24x a single step,
+# 1.51x a step of 16; `just bench` decode 1.22x the better peer), but with it on, the image booted as one box of a
+# pair under emulation (tests/test_image_ha.py) was not healthy within 10 minutes, twice (not yet traced)
 SERVING_PATHS = ("avx512-vnni",)
 # each path carries its own target attributes: the library itself loads on any x86-64
 COMPILE = ("-O3", "-std=c++17", "-fPIC", "-shared")
