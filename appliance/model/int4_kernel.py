@@ -8,7 +8,7 @@ each 32-bit lane is an output column, so one unpacked block serves every row and
 Its outputs equal MatMulNBits's to float rounding (about 1e-7 of the largest); a single row runs within 3 % of it.
 On CPUs without AVX512-VNNI (AMD before Zen 4, Intel before Ice Lake) the same layout is read with AVX2's
 vpmaddubsw and vpmaddwd, half a tile at a time; the library holds both paths and picks one at load. The decoder
-serves the VNNI path alone for now (SERVING_PATHS).
+serves the VNNI path alone for now (SERVING_PATHS says why).
 
 The artifact stays standard MatMulNBits (the CUDA provider and ARM boxes run it as it is): at load, on a CPU that
 has the instructions and with the library built, each eligible MatMulNBits node becomes ai.r1box's MatMulInt4 and
@@ -114,8 +114,7 @@ def unavailable() -> str | None:
     if path is None:
         return f"this CPU lacks {'/'.join(CPU_FLAGS)}"
     if path not in SERVING_PATHS:
-        return (f"its {path} path is built and tested for its products but not yet measured end to end on a real "
-                "model")
+        return f"its {path} path is not served by default yet (int4_kernel.SERVING_PATHS)"
     if built_library() is None:
         return "its library is not built (just kernel)"
     return None
