@@ -17,10 +17,6 @@ from appliance.model.tokenizer import ChatTokenizer
 needs_kernel = pytest.mark.skipif(not int4_kernel.cpu_supports(), reason="this CPU lacks AVX2/FMA: MatMulNBits serves")
 
 
-serves = pytest.mark.skipif(int4_kernel.cpu_path() not in int4_kernel.SERVING_PATHS,
-                            reason=f"the decoder does not serve the kernel's {int4_kernel.cpu_path()} path by itself")
-
-
 @pytest.fixture(scope="module")
 def library():
     return int4_kernel.build()
@@ -90,7 +86,7 @@ def test_wrong_shapes_are_refused(library):
         short.run(None, {"A": np.zeros((1, k), np.float32)})
 
 
-@serves
+@needs_kernel
 def test_tiny_model_logits_match(library, tiny_int4):
     manifest = load_manifest(tiny_int4)
     theirs, ours = Decoder(manifest, threads=2, int4=False), Decoder(manifest, threads=2, int4=True)
@@ -131,7 +127,7 @@ def test_cpu_flags_are_read_from_cpuinfo():
 
 
 @pytest.mark.slow
-@serves
+@needs_kernel
 def test_real_model_answers_as_matmulnbits_does(library):
     """The 0.5B, teacher-forced on MatMulNBits's own greedy answer: the same top-1 wherever MatMulNBits leads by
     half a logit (a near tie flips under any change of arithmetic, onnxruntime's own graph optimizations included)."""

@@ -1,5 +1,6 @@
-"""`r1box serve` and `r1box model` under systemd's notify protocol, against a real datagram socket: READY=1 only once the listener
-answers, WATCHDOG=1 while it runs, STOPPING=1 on SIGTERM. And the NVIDIA preflight's fall back to the CPU."""
+"""`r1box serve` and `r1box model` under systemd's notify protocol, against a real datagram socket: the watchdog
+stretched while they start, READY=1 (and WatchdogSec= again) only once the listener answers, WATCHDOG=1 while it
+runs, STOPPING=1 on SIGTERM. And the NVIDIA preflight's fall back to the CPU."""
 
 import os
 import signal
@@ -34,6 +35,8 @@ def test_ready_after_listening_then_watchdog_then_stopping(tiny_fp32, tmp_path, 
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
             assert resp.status == 200  # ready means answering, not merely loaded
         assert "WATCHDOG=1" in states  # fed while the model loaded
+        assert states[0] == "WATCHDOG_USEC=900000000"  # stretched first: a load may hold the loop for long
+        assert "WATCHDOG_USEC=400000" in states  # and WatchdogSec= again with READY=1
         pings, start = 0, time.monotonic()
         while time.monotonic() - start < 1.5:
             pings += notify.recv(4096).decode().splitlines().count("WATCHDOG=1")

@@ -7,8 +7,7 @@ int8 blocks of activations, whole-number dot products, the two scales after) wit
 each 32-bit lane is an output column, so one unpacked block serves every row and nothing is summed across lanes.
 Its outputs equal MatMulNBits's to float rounding (about 1e-7 of the largest); a single row runs within 3 % of it.
 On CPUs without AVX512-VNNI (AMD before Zen 4, Intel before Ice Lake) the same layout is read with AVX2's
-vpmaddubsw and vpmaddwd, half a tile at a time; the library holds both paths and picks one at load. The decoder
-serves the VNNI path alone for now (SERVING_PATHS says why).
+vpmaddubsw and vpmaddwd, half a tile at a time; the library holds both paths and picks one at load.
 
 The artifact stays standard MatMulNBits (the CUDA provider and ARM boxes run it as it is): at load, on a CPU that
 has the instructions and with the library built, each eligible MatMulNBits node becomes ai.r1box's MatMulInt4 and
@@ -50,10 +49,6 @@ HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxrunt
                "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
 CPU_FLAGS = ("avx2", "fma")  # the least the kernel needs; the AVX512-VNNI path is taken where the CPU has it
 VNNI_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
-# the paths the decoder serves by itself. AVX2's was measured end to end on a Zen 2 (the 1.5B: 1.24x a single step,
-# 1.51x a step of 16; `just bench` decode 1.22x the better peer), but with it on, the image booted as one box of a
-# pair under emulation (tests/test_image_ha.py) was not healthy within 10 minutes, twice (not yet traced)
-SERVING_PATHS = ("avx512-vnni",)
 # each path carries its own target attributes: the library itself loads on any x86-64
 COMPILE = ("-O3", "-std=c++17", "-fPIC", "-shared")
 LANES = 16  # output columns per tile: one zmm register of 32-bit sums
@@ -110,11 +105,8 @@ def library_path(library: Path) -> str | None:
 
 def unavailable() -> str | None:
     """Why the decoder does not serve the kernel here, or None when it does."""
-    path = cpu_path()
-    if path is None:
+    if cpu_path() is None:
         return f"this CPU lacks {'/'.join(CPU_FLAGS)}"
-    if path not in SERVING_PATHS:
-        return f"its {path} path is not served by default yet (int4_kernel.SERVING_PATHS)"
     if built_library() is None:
         return "its library is not built (just kernel)"
     return None

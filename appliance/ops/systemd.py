@@ -1,6 +1,12 @@
 """Talking to systemd when it runs the service (Type=notify): READY=1 once the model is loaded and the listener
 answers, WATCHDOG=1 from the event loop (so a hung loop gets the service restarted), STOPPING=1 on shutdown.
 
+systemd arms the watchdog when the process starts, not when it is ready. A model's load (onnxruntime building its
+session, the int4 kernel repacking weights) holds the interpreter for seconds at a time, and on a slow or busy CPU
+for longer than WatchdogSec: on the firmware image under emulation, as one box of a pair, the model unit was killed
+at 142 s into a load that takes about 150. So until READY=1 the watchdog is stretched to STARTING_WATCHDOG_S (the
+units' TimeoutStartSec is what bounds a start) and set back to WatchdogSec= with READY=1.
+
 A plain datagram to $NOTIFY_SOCKET, as sd_notify(3) describes; without that variable (a terminal, the tests) all of
 this does nothing.
 """
@@ -18,6 +24,8 @@ from aiohttp import web
 from appliance.app_keys import LISTENER
 
 log = logging.getLogger(__name__)
+
+STARTING_WATCHDOG_S = 900  # the units' TimeoutStartSec
 
 
 def notify(state: str) -> bool:
@@ -55,7 +63,10 @@ async def _listening(host: str, port: int) -> None:
 
 async def _ready_when_listening(host: str, port: int) -> None:
     await _listening(host, port)
-    notify("READY=1\nSTATUS=serving")
+    ready = "READY=1\nSTATUS=serving"
+    if watchdog_interval():
+        ready += f"\nWATCHDOG_USEC={os.environ['WATCHDOG_USEC']}"  # WatchdogSec= again, now that it serves
+    notify(ready)
     log.info("told systemd the service is ready")
 
 
@@ -71,6 +82,8 @@ async def systemd_ctx(app: web.Application):
         yield
         return
     server, interval = app[LISTENER], watchdog_interval()
+    if interval:
+        notify(f"WATCHDOG_USEC={STARTING_WATCHDOG_S * 1_000_000}")
     tasks = [asyncio.create_task(_feed_watchdog(interval))] if interval else []
     if server.port:  # an ephemeral port cannot be probed; nothing runs under systemd with one
         tasks.append(asyncio.create_task(_ready_when_listening(server.own_address, server.port)))
