@@ -50,6 +50,10 @@ def test_box_alone_takes_the_virtual_address_and_serves_on_it(tmp_path):
         assert role["last_takeover"]["source"] == "new"
         vm.wait_for(lambda: "pair:        active, virtual address 10.0.2.50/24" in vm.serial(), 60,
                     "the pair's role in the console banner")
+        # the model came up on its first start: its load holds the interpreter past WatchdogSec= under emulation, and
+        # until READY=1 the watchdog is stretched (appliance/ops/systemd.py)
+        rc, out = vm.agent.run("systemctl show r1box-model -p NRestarts --value")
+        assert out.strip() == "0", vm.agent.run("journalctl -b -u r1box-model --no-pager -o cat | tail -20")[1]
         rc, out = vm.agent.run("systemctl is-active r1box.service r1box-ha.service; ls /config/ha-pair")
         lines = out.split()
         assert lines[:2] == ["inactive", "active"], out  # serve runs under the node, not its own unit
