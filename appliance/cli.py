@@ -48,23 +48,29 @@ def cmd_fetch(args) -> None:
 def cmd_export(args) -> None:
     _export_stage()
     from export.pipeline import export_model
+
+    gate = {} if args.max_kl_divergence is None else {"max_kl_divergence": args.max_kl_divergence}
+    export_model(args.source, Path(args.out), export_recipe(args), force=args.force, dtype=args.dtype, **gate)
+
+
+def export_recipe(args):
+    """The QuantConfig of `r1box export`: a catalog model brings its measured recipe, and flags override it."""
+    from export.catalog import CATALOG, CatalogEntry
     from export.quantize import QuantConfig
 
-    from export.catalog import CATALOG
-
-    entry = CATALOG.get(args.source)  # a catalog model brings its measured recipe; flags override it
-    quant = QuantConfig(precision=args.precision, block_size=args.block_size or (entry.block_size if entry else 32),
-                        symmetric=args.symmetric, accuracy_level=args.accuracy_level, gptq=not args.no_gptq,
-                        quantize_embedding=not args.fp32_embedding, int8_layers=_int8_layers(args.int8_layers, entry),
-                        gguf_blocks=args.keep_gguf_blocks)
-    gate = {} if args.max_kl_divergence is None else {"max_kl_divergence": args.max_kl_divergence}
-    export_model(args.source, Path(args.out), quant, force=args.force, dtype=args.dtype, **gate)
-
-
-def _int8_layers(flag: str | None, entry) -> tuple[str, ...]:
-    if flag is None:
-        return entry.int8_layers if entry else ()
-    return () if flag == "none" else tuple(f.strip() for f in flag.split(",") if f.strip())
+    entry = CATALOG.get(args.source)
+    recipe = entry or CatalogEntry("", "", "", "", None)  # the defaults, for a source outside the catalog
+    if args.int8_layers is None:
+        int8_layers = recipe.int8_layers
+    else:
+        int8_layers = () if args.int8_layers == "none" else tuple(
+            f.strip() for f in args.int8_layers.split(",") if f.strip())
+    keep = recipe.keep_gguf_blocks if args.keep_gguf_blocks is None else args.keep_gguf_blocks
+    return QuantConfig(precision=args.precision, block_size=args.block_size or recipe.block_size,
+                       symmetric=args.symmetric, accuracy_level=args.accuracy_level,
+                       gptq=recipe.gptq if args.gptq is None else args.gptq,
+                       quantize_embedding=not args.fp32_embedding, int8_layers=int8_layers,
+                       gguf_blocks=keep and args.dtype == "float32")  # float zero points are the CPU kernel's
 
 
 def _open_chat(artifact: str | None, max_tokens: int):
@@ -305,11 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activations and KV cache: float32 for CPU boxes, float16 for NVIDIA ones")
     p.add_argument("--block-size", type=int, help="int4 block size; default: the catalog's recipe, else 32")
     p.add_argument("--symmetric", action="store_true", help="no zero points (smaller, less accurate)")
-    p.add_argument("--no-gptq", action="store_true",
-                   help="round each block alone instead of GPTQ on the model's own answers (faster, less accurate)")
-    p.add_argument("--keep-gguf-blocks", action="store_true",
-                   help="keep a GGUF's Q4_K blocks as they are (block 32; exact on x86 CPUs with AVX2, rounded "
-                        "elsewhere)")
+    p.add_argument("--gptq", action=argparse.BooleanOptionalAction,
+                   help="GPTQ on the model's own answers, or (--no-gptq) each block searched alone (faster); default: "
+                        "the catalog's recipe, else GPTQ")
+    p.add_argument("--keep-gguf-blocks", action=argparse.BooleanOptionalAction,
+                   help="keep a GGUF's Q4_K blocks as they are (block 32, float32 artifacts; exact on x86 CPUs with "
+                        "AVX2, rounded elsewhere); default: the catalog's recipe, else no")
     p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits compute type: 4 = int8 activations (fastest on CPU)")
     p.add_argument("--fp32-embedding", action="store_true", help="keep the embedding table unquantized")

@@ -18,7 +18,8 @@ from export.quantize import QuantConfig
 def artifact_path(name: str, quant: QuantConfig | None = None, dtype: str = "float32") -> tuple[Path, QuantConfig]:
     """Where the cache keeps a catalog model's export, and the recipe it is exported by."""
     entry = lookup(name)
-    quant = quant or QuantConfig(block_size=entry.block_size, int8_layers=entry.int8_layers)
+    quant = quant or QuantConfig(block_size=entry.block_size, int8_layers=entry.int8_layers, gptq=entry.gptq,
+                                 gguf_blocks=entry.keep_gguf_blocks and dtype == "float32")
     key = entry.mirror.sha256[:16] if entry.mirror else "hub"
     return cache_root() / "artifacts" / f"{name}-{key}-{quant.tag}{'-fp16' if dtype == 'float16' else ''}", quant
 

@@ -11,7 +11,7 @@ block 128, 0.832 against 0.836 on the 0.5B, within the check's noise.
 
 The result is MatMulNBits's own layout, so the kernels, and the speed, are the same as the plain rounding's:
     B           uint8 [N, blocks, block·bits/8]   column n's K values, block by block, low nibble first at 4 bits
-    scales      float [N, blocks]
+    scales      float [N, blocks], each an fp16 value (r1box's int4 kernel holds them so, as llama.cpp's Q4_0 does)
     zero_points uint8 [N, ⌈blocks/2⌉] at 4 bits (low nibble first), [N, blocks] at 8; w = scale · (q - zero_point)
 """
 
@@ -82,6 +82,7 @@ def search(x: torch.Tensor, top: int, symmetric: bool) -> tuple[torch.Tensor, to
         d = q - zero[:, None]
         den = (weights * d * d).sum(1)
         fitted = torch.where(den > 0, (weights * x * d).sum(1) / den.clamp(min=1e-30), scale)
+        fitted = fitted.half().float()  # r1box's int4 kernel holds scales in fp16: the error counted is the one served
         err = (weights * (x - fitted[:, None] * d).pow(2)).sum(1)
         better = live & (err < best_err)
         best_err = torch.where(better, err, best_err)

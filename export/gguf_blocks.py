@@ -3,8 +3,10 @@
 Q4_K holds super-blocks of 256 weights along K, each of eight sub-blocks of 32: w = d·sc·q − dmin·m, q in 0…15, sc
 and m 6-bit, d and dmin fp16 a super-block. MatMulNBits at block 32 holds w = scale·(q − zero): scale = d·sc and zero
 = dmin·m / (d·sc), a float zero point, since Q4_K's offset is no whole number of levels (onnxruntime's integer zero
-points would round it). The levels are the GGUF's own, so the artifact's weights are the source's: what the parity
-check still sees is the arithmetic (int8 activations), as llama.cpp's own output on these blocks does.
+points would round it). The levels are the GGUF's own; the scale and zero point are rounded to fp16, as r1box's int4
+kernel holds them (d·sc takes up to 17 significant bits): a weight moves by 2⁻¹¹ of the largest at most, far
+below what int8 activations round away. So the artifact's weights are the source's, and what the parity check still
+sees is the arithmetic (int8 activations), as llama.cpp's own output on these blocks does.
 
 Other types (Q6_K, which llama.cpp's Q4_K_M keeps for half the down and value projections and the output) are not
 carried: their rows are quantized by GPTQ or the block search like any source's, into the same block-32 layout.
@@ -59,7 +61,8 @@ def carried_blocks(gguf: Path) -> dict[str, Parts]:
 
 def q4k_as_nbits(raw: np.ndarray, n: int, k: int) -> Fitted:
     """A Q4_K tensor's bytes ([N rows of K/256 super-blocks]) → MatMulNBits's B uint8 [N, K/32, 16], scales float
-    [N, K/32] and zero points float [N, K/32], with (q − zero)·scale = the GGUF's own dequantized weight."""
+    [N, K/32] and zero points float [N, K/32] (both fp16-exact), with (q − zero)·scale = the GGUF's own dequantized
+    weight within fp16's rounding."""
     from gguf.quants import Q4_K
 
     blocks = np.ascontiguousarray(raw, np.uint8).reshape(-1, _SUPER)
@@ -76,7 +79,8 @@ def q4k_as_nbits(raw: np.ndarray, n: int, k: int) -> Fitted:
     # sc = 0 leaves a sub-block of one value, −dmin·m: level 0 at zero point 1 with that as its scale
     constant = (scale == 0) & (offset != 0)
     scale = np.where(constant, offset, scale)
-    zero = np.where(constant, 1.0, zero).astype(np.float32)
+    zero = np.where(constant, 1.0, zero).astype(np.float16).astype(np.float32)
+    scale = scale.astype(np.float16).astype(np.float32)
     levels = np.where(constant[..., None], 0, levels).astype(np.uint8)
     packed = levels[..., 0::2] | (levels[..., 1::2] << 4)
     return packed.reshape(n, k // BLOCK, BLOCK // 2), scale.reshape(n, k // BLOCK), zero.reshape(n, k // BLOCK)

@@ -208,3 +208,20 @@ def test_float16_artifact_for_cuda_boxes_runs_and_agrees(tiny_hf_dir, tmp_path):
     m = read_manifest(out)
     assert m["kv_cache"]["dtype"] == "float16"
     assert m["parity"]["agreement"] >= 0.9 and m["parity"]["max_abs_logit_diff"] < 0.5
+
+
+def test_the_catalog_recipe_reaches_export_and_cache_and_flags_override_it():
+    from appliance.cli import build_parser, export_recipe
+
+    parse = lambda *argv: export_recipe(build_parser().parse_args(["export", *argv, "--out", "unused"]))
+    stand_in = parse("qwen2.5-coder-1.5b-instruct")
+    assert (stand_in.block_size, stand_in.int8_layers, stand_in.gptq) == (32, ("lm_head",), False)
+    assert stand_in.keeps_gguf_blocks and artifact_path("qwen2.5-coder-1.5b-instruct")[1] == stand_in
+    # a GPU artifact is quantized anew: float zero points are the CPU kernel's
+    assert not parse("qwen2.5-coder-1.5b-instruct", "--dtype", "float16").gguf_blocks
+    assert not artifact_path("qwen2.5-coder-1.5b-instruct", dtype="float16")[1].gguf_blocks
+    redone = parse("qwen2.5-coder-1.5b-instruct", "--no-keep-gguf-blocks", "--gptq", "--block-size", "128",
+                   "--int8-layers", "none")
+    assert (redone.gguf_blocks, redone.gptq, redone.block_size, redone.int8_layers) == (False, True, 128, ())
+    assert parse("some/hf-dir") == QuantConfig()  # outside the catalog: the defaults
+    assert parse("qwen2.5-coder-0.5b-instruct").int8_layers == ("lm_head", "qkv_proj", "down_proj")

@@ -60,7 +60,8 @@ def test_products_equal_matmulnbits(each_path, k, n, block, zero_points):
     rng = np.random.default_rng(k + n)
     blocks = k // block
     b = rng.integers(0, 256, (n, blocks, block // 2), dtype=np.uint8)
-    scales = rng.uniform(0.001, 0.02, n * blocks).astype(np.float32)
+    # fp16-exact, as r1box's export writes them: the kernel holds scales in fp16
+    scales = rng.uniform(0.001, 0.02, n * blocks).astype(np.float16).astype(np.float32)
     zeros = rng.integers(0, 256, n * ((blocks + 1) // 2), dtype=np.uint8) if zero_points else None
     theirs = _session("MatMulNBits", [b, scales] + ([zeros] if zero_points else []), k, n, block)
     ours = _session(int4_kernel.OP, list(int4_kernel.pack(b, scales, zeros, n, k, block)), k, n, block, each_path)
@@ -80,9 +81,9 @@ def test_wrong_shapes_are_refused(library):
                     k, n, block, library)
     with pytest.raises(Exception, match="K = 64"):
         ours.run(None, {"A": np.zeros((1, 32), np.float32)})
-    weights, scales, zeros = int4_kernel.pack(b, np.ones(n * 2, np.float32), None, n, k, block)
-    short = _session(int4_kernel.OP, [weights, scales[:-1], zeros], k, n, block, library)
-    with pytest.raises(Exception, match="the scales must hold 32 elements"):
+    weights, params = int4_kernel.pack(b, np.ones(n * 2, np.float32), None, n, k, block)
+    short = _session(int4_kernel.OP, [weights, params[:-1]], k, n, block, library)
+    with pytest.raises(Exception, match="the scales and zero points must hold 64 elements"):
         short.run(None, {"A": np.zeros((1, k), np.float32)})
 
 
@@ -121,7 +122,8 @@ def test_a_broken_library_leaves_matmulnbits_serving(tiny_int4, monkeypatch, tmp
 def test_cpu_flags_are_read_from_cpuinfo():
     assert int4_kernel.cpu_path("flags\t\t: fpu sse2 avx") is None
     assert int4_kernel.cpu_path("flags\t\t: fpu sse2 avx2") is None  # FMA too: the scales are applied with it
-    line = "flags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512vl"
+    assert int4_kernel.cpu_path("flags\t\t: fpu sse2 avx2 fma") is None  # and F16C: they are stored in fp16
+    line = "flags\t\t: fpu sse2 avx2 fma f16c avx512f avx512bw avx512vl"
     assert int4_kernel.cpu_path(line) == "avx2"
     assert int4_kernel.cpu_path(line + " avx512_vnni") == "avx512-vnni"
 

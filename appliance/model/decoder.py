@@ -90,7 +90,7 @@ class Decoder:
             rounded = int4_kernel.whole_zero_points(self.manifest.graph_path)
             log.warning("int4: %d MatMuls keep a GGUF's blocks, whose float zero points onnxruntime's CPU kernel "
                         "computes slowly; rounded to whole levels here, which reads below the artifact's parity "
-                        "report: for this machine, export without --keep-gguf-blocks", rounded.matmuls)
+                        "report: for this machine, export with --no-keep-gguf-blocks", rounded.matmuls)
             return self._rewritten_session(provider, rounded)
         return ort.InferenceSession(str(self.manifest.graph_path), self._options(), providers=[PROVIDERS[provider]])
 
@@ -100,6 +100,10 @@ class Decoder:
         session = self._rewritten_session(provider, rewritten, library)
         self.int4_matmuls, self.int4_path = rewritten.matmuls, int4_kernel.library_path(library)
         log.info("int4 kernel: %d MatMuls on r1box's kernel (its %s path)", rewritten.matmuls, self.int4_path)
+        if rewritten.rounded:
+            log.warning("int4 kernel: %d MatMuls' scales rounded to fp16, the kernel's (the artifact predates "
+                        "fp16-exact scales): its answers may differ from its parity report by near ties; export "
+                        "it again", rewritten.rounded)
         return session
 
     def _rewritten_session(self, provider: str, rewritten: int4_kernel.Rewritten, library=None

@@ -47,7 +47,7 @@ SOURCE = Path(__file__).with_name("kernels") / "matmul_int4.cc"
 INSTALLED = Path("/usr/lib/r1box/libr1box_int4.so")
 HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
                "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
-CPU_FLAGS = ("avx2", "fma")  # the least the kernel needs; the AVX512-VNNI path is taken where the CPU has it
+CPU_FLAGS = ("avx2", "fma", "f16c")  # the least the kernel needs; the AVX512-VNNI path is taken where the CPU has it
 VNNI_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 # each path carries its own target attributes: the library itself loads on any x86-64
 COMPILE = ("-O3", "-std=c++17", "-fPIC", "-shared")
@@ -166,6 +166,7 @@ class Rewritten:
     names: list[str] = field(default_factory=list)
     arrays: list[np.ndarray] = field(default_factory=list)
     matmuls: int = 0
+    rounded: int = 0  # MatMuls whose scales or zero points fp16 could not hold exactly
 
 
 def eligible(attrs: dict, inputs: int) -> bool:
@@ -178,28 +179,40 @@ def eligible(attrs: dict, inputs: int) -> bool:
 
 
 def pack(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, n: int, k: int, block: int
-         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+         ) -> tuple[np.ndarray, np.ndarray]:
     """MatMulNBits's tensors → MatMulInt4's, by the library's own packer (numpy's transposes took 5.5 s on the
     1.5B's 113 MatMuls at load, C takes a fraction): weights [N/16][K/block][block/8][64] (byte 4j+i of group g:
-    column j's k = 8g+i low, 8g+4+i high), scales and zero points as float [N/16][K/block][16]."""
+    column j's k = 8g+i low, 8g+4+i high), and fp16 params [N/16][K/block][2][16], a block's 16 scales then its 16
+    zero points. Scales that are not fp16 already (artifacts exported before r1box wrote them so) are rounded."""
     library = ctypes.CDLL(str(built_library()))
     blocks = k // block
-    weights = np.empty(n * k // 2, np.uint8)
-    scales_out, zeros_out = np.empty(n * blocks, np.float32), np.empty(n * blocks, np.float32)
-    b, scales = np.ascontiguousarray(b, np.uint8), np.ascontiguousarray(scales, np.float32)
-    # float zero points (one a block, not whole levels: a GGUF's Q4_K offsets) are the kernel's own kind already
+    b = np.ascontiguousarray(b, np.uint8)
+    # float zero points (one a block, not whole levels: a GGUF's Q4_K offsets), 4-bit ones two a byte, or none
     float_zeros = zero_points is not None and zero_points.dtype == np.float32
-    nibbles = None if zero_points is None or float_zeros else np.ascontiguousarray(zero_points, np.uint8)
     if b.size != n * k // 2 or scales.size != n * blocks or (
             zero_points is not None and zero_points.size != n * (blocks if float_zeros else (blocks + 1) // 2)):
         raise ArtifactError(f"a MatMulNBits of N={n}, K={k}, block {block} has tensors of other sizes; export the "
                             "model again.")
-    pointer = lambda array: ctypes.c_void_p(array.ctypes.data if array is not None else None)
-    library.r1box_int4_pack(pointer(b), pointer(scales), pointer(nibbles), ctypes.c_int64(n), ctypes.c_int64(k),
-                            ctypes.c_int64(block), pointer(weights), pointer(scales_out), pointer(zeros_out))
-    if float_zeros:
-        zeros_out[:] = zero_points.reshape(n // LANES, LANES, blocks).transpose(0, 2, 1).ravel()
-    return weights, scales_out, zeros_out
+    if zero_points is None:
+        zeros = np.full(n * blocks, 8, np.float16)  # MatMulNBits's default for 4 bits
+    elif float_zeros:
+        zeros = zero_points.astype(np.float16)
+    else:
+        nibbles = zero_points.reshape(n, -1)
+        zeros = np.stack([nibbles & 15, nibbles >> 4], -1).reshape(n, -1)[:, :blocks].astype(np.float16)
+    scales16 = np.ascontiguousarray(scales, np.float32).astype(np.float16)
+    if not (np.isfinite(scales16).all() and np.isfinite(zeros).all()):
+        raise ArtifactError(f"a MatMulNBits of N={n}, K={k} has scales or zero points beyond fp16's range")
+    weights, params = np.empty(n * k // 2, np.uint8), np.empty(2 * n * blocks, np.float16)
+    pointer = lambda array: ctypes.c_void_p(array.ctypes.data)
+    library.r1box_int4_pack(pointer(b), pointer(scales16), pointer(np.ascontiguousarray(zeros)), ctypes.c_int64(n),
+                            ctypes.c_int64(k), ctypes.c_int64(block), pointer(weights), pointer(params))
+    return weights, params
+
+
+def fp16_exact(values: np.ndarray) -> bool:
+    """Whether float values survive fp16 unchanged: the kernel's scales and zero points then equal the artifact's."""
+    return bool(np.array_equal(values.astype(np.float16).astype(np.float32), values))
 
 
 def rewrite(graph_path: Path) -> Rewritten:
@@ -223,8 +236,10 @@ def rewrite(graph_path: Path) -> Rewritten:
             continue
         k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
         b, scales, *zero_points = (_read(tensors[name], graph_path.parent) for name in node.input[1:])
-        packed = pack(b, scales, zero_points[0] if zero_points else None, n, k, block)
-        names = [f"{node.input[1]}.{suffix}" for suffix in ("int4x16", "scales16", "zeros16")]
+        zeros = zero_points[0] if zero_points else None
+        packed = pack(b, scales, zeros, n, k, block)
+        out.rounded += not (fp16_exact(scales) and (zeros is None or zeros.dtype != np.float32 or fp16_exact(zeros)))
+        names = [f"{node.input[1]}.{suffix}" for suffix in ("int4x16", "params16")]
         for name, array in zip(names, packed):
             graph.initializer.append(_declared(name, array, tensors[node.input[1]]))
         out.names += names

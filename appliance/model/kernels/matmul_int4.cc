@@ -6,7 +6,10 @@
 // carries its own target and the CPU picks one at load.
 //
 // W: [N/16][K/block][block/8][64] bytes; byte 4j+i of group g holds column j's k = 8g+i in its low nibble and
-//    k = 8g+4+i in its high one. scales, zeros: float [N/16][K/block][16].
+//    k = 8g+4+i in its high one. params: fp16 [N/16][K/block][2][16], the 16 columns' scales then their zero
+//    points: a block's are one cache line, and at block 32 they take 0.125 bytes a weight instead of float's 0.25
+//    (a decode step reads every weight: bytes are its time). r1box's export writes fp16-exact scales (as llama.cpp's
+//    Q4_0 and Q8_0 store theirs), so the products stay MatMulNBits's.
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
@@ -35,7 +38,7 @@ struct Quantized {  // A in int8, per row and block: the scale and the sum of th
 struct Step {
   const Quantized* a;
   const uint8_t* weights;
-  const float *scales, *zeros;
+  const uint16_t* params;
   float* y;
   int64_t rows, k, n, block;
 };
@@ -113,8 +116,9 @@ R1BOX_TARGET void tile_rows(const Step& s, int64_t tile, int64_t row0) {
         dot[r][c_high] = _mm512_dpbusd_epi32(dot[r][c_high], high, _mm512_set1_epi32(second));
       }
     }
-    const __m512 w_scale = _mm512_loadu_ps(s.scales + (tile * blocks + b) * kLanes);
-    const __m512 w_zero = _mm512_loadu_ps(s.zeros + (tile * blocks + b) * kLanes);
+    const uint16_t* params = s.params + (tile * blocks + b) * 2 * kLanes;
+    const __m512 w_scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(params)));
+    const __m512 w_zero = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(params + kLanes)));
     for (int r = 0; r < Rows; r++) {
       __m512i total = dot[r][0];
       for (int c = 1; c < kChains; c++) total = _mm512_add_epi32(total, dot[r][c]);
@@ -138,7 +142,7 @@ R1BOX_TARGET void tile_rows(const Step& s, int64_t tile, int64_t row0) {
 // spill to the stack, yet 16 rows of a 1536 × 8960 MatMul ran as fast as four at a time, and 1.5× faster than two.
 namespace avx2 {
 
-#define R1BOX_TARGET __attribute__((target("avx2,fma")))
+#define R1BOX_TARGET __attribute__((target("avx2,fma,f16c")))
 
 constexpr int64_t kMaxRows = 8;
 constexpr int64_t kGroupsPerWiden = 4;
@@ -215,8 +219,9 @@ R1BOX_TARGET void tile_rows(const Step& s, int64_t tile, int64_t row0) {
             dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_madd_epi16(narrow[r][h], ones));
       }
       for (int h = 0; h < Halves; h++) {
-        const int64_t at = (tile * blocks + b) * kLanes + (first_half + h) * 8;
-        const __m256 w_scale = _mm256_loadu_ps(s.scales + at), w_zero = _mm256_loadu_ps(s.zeros + at);
+        const uint16_t* params = s.params + (tile * blocks + b) * 2 * kLanes + (first_half + h) * 8;
+        const __m256 w_scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(params)));
+        const __m256 w_zero = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(params + kLanes)));
         for (int r = 0; r < Rows; r++) {
           const __m256 centred = _mm256_fnmadd_ps(w_zero, _mm256_set1_ps(a_sums[r * blocks + b]),
                                                   _mm256_cvtepi32_ps(dot[r][h]));
@@ -272,7 +277,7 @@ const Isa& isa() {
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
       return Isa{"avx512-vnni", vnni::quantize, run_tiles<vnni_tile, vnni::kMaxRows>};
 #endif
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
       return Isa{"avx2", avx2::quantize, run_tiles<avx2_tile, avx2::kMaxRows>};
     return Isa{nullptr, nullptr, nullptr};
   }();
@@ -307,10 +312,9 @@ struct Kernel {
       const auto a = ctx.GetInput(0);
       std::vector<int64_t> shape = a.GetTensorTypeAndShapeInfo().GetShape();
       if (shape.empty() || shape.back() != k) fail("MatMulInt4: A's last dimension must be K = " + std::to_string(k));
-      const auto weights = ctx.GetInput(1), scales = ctx.GetInput(2), zeros = ctx.GetInput(3);
+      const auto weights = ctx.GetInput(1), params = ctx.GetInput(2);
       expect_size(weights, n * k / 2, "the weights");
-      expect_size(scales, n * (k / block), "the scales");
-      expect_size(zeros, n * (k / block), "the zero points");
+      expect_size(params, 2 * n * (k / block), "the scales and zero points");
       int64_t rows = 1;
       for (size_t i = 0; i + 1 < shape.size(); i++) rows *= shape[i];
       shape.back() = n;
@@ -318,8 +322,8 @@ struct Kernel {
       if (rows == 0) return nullptr;
       thread_local Quantized quantized;
       isa().quantize(a.GetTensorData<float>(), rows, k, block, quantized);
-      Step step{&quantized, weights.GetTensorData<uint8_t>(), scales.GetTensorData<float>(),
-                zeros.GetTensorData<float>(), y.GetTensorMutableData<float>(), rows, k, n, block};
+      Step step{&quantized, weights.GetTensorData<uint8_t>(), static_cast<const uint16_t*>(params.GetTensorRawData()),
+                y.GetTensorMutableData<float>(), rows, k, n, block};
       const int64_t tasks = (n / kLanes + kTilesPerTask - 1) / kTilesPerTask;
       ctx.ParallelFor(isa().run, static_cast<size_t>(tasks), 0, &step);
       return nullptr;
@@ -341,9 +345,10 @@ struct MatMulInt4 : Ort::CustomOpBase<MatMulInt4, Kernel, true> {
     }
   }
   const char* GetName() const { return "MatMulInt4"; }
-  size_t GetInputTypeCount() const { return 4; }
+  size_t GetInputTypeCount() const { return 3; }
   ONNXTensorElementDataType GetInputType(size_t index) const {
-    return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+                      : index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
@@ -352,13 +357,14 @@ struct MatMulInt4 : Ort::CustomOpBase<MatMulInt4, Kernel, true> {
 }  // namespace
 
 // MatMulNBits's tensors into MatMulInt4's, at load: weights [N][K/block][block/2] (k even in the low nibble), scales
-// [N][K/block], zero points [N][ceil(K/block / 2)] nibbles or null (8 for all). N % 16 == 0, block % 16 == 0.
-extern "C" void r1box_int4_pack(const uint8_t* b, const float* scales, const uint8_t* zero_points, int64_t n,
-                                int64_t k, int64_t block, uint8_t* weights, float* scales_out, float* zeros_out) {
-  const int64_t blocks = k / block, groups = block / 8, zero_stride = (blocks + 1) / 2;
+// and zero points fp16 [N][K/block] (converted by the caller, zero points unpacked). N % 16 == 0, block % 16 == 0.
+extern "C" void r1box_int4_pack(const uint8_t* b, const uint16_t* scales, const uint16_t* zeros, int64_t n, int64_t k,
+                                int64_t block, uint8_t* weights, uint16_t* params) {
+  const int64_t blocks = k / block, groups = block / 8;
   for (int64_t tile = 0; tile < n / kLanes; tile++)
     for (int64_t bl = 0; bl < blocks; bl++) {
       uint8_t* out = weights + (tile * blocks + bl) * groups * 64;
+      uint16_t* line = params + (tile * blocks + bl) * 2 * kLanes;
       for (int64_t j = 0; j < kLanes; j++) {
         const int64_t column = tile * kLanes + j;
         const uint8_t* src = b + (column * blocks + bl) * (block / 2);
@@ -367,11 +373,8 @@ extern "C" void r1box_int4_pack(const uint8_t* b, const float* scales, const uin
         for (int64_t g = 0; g < groups; g++)
           for (int i = 0; i < 4; i++)
             out[g * 64 + j * 4 + i] = static_cast<uint8_t>(level[8 * g + i] | (level[8 * g + 4 + i] << 4));
-        const int64_t at = (tile * blocks + bl) * kLanes + j;
-        scales_out[at] = scales[column * blocks + bl];
-        const int64_t zero_at = column * zero_stride + bl / 2;
-        zeros_out[at] = zero_points ? static_cast<float>((zero_points[zero_at] >> (4 * (bl & 1))) & 15)
-                                    : 8.0f;  // MatMulNBits's default for 4 bits
+        line[j] = scales[column * blocks + bl];
+        line[kLanes + j] = zeros[column * blocks + bl];
       }
     }
 }
