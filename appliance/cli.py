@@ -70,6 +70,7 @@ def export_recipe(args):
                        symmetric=args.symmetric, accuracy_level=args.accuracy_level,
                        gptq=recipe.gptq if args.gptq is None else args.gptq,
                        quantize_embedding=not args.fp32_embedding, int8_layers=int8_layers,
+                       int8_layers_bits=args.int8_layers_bits or recipe.int8_layers_bits,
                        gguf_blocks=keep and args.dtype == "float32")  # float zero points are the CPU kernel's
 
 
@@ -322,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp32-embedding", action="store_true", help="keep the embedding table unquantized")
     p.add_argument("--int8-layers", help="comma-separated MatMuls kept at 8 bits (lm_head,qkv_proj,down_proj), "
                    "or none; default: the catalog's recipe for catalog models, none otherwise")
+    p.add_argument("--int8-layers-bits", type=int, choices=[6, 8],
+                   help="their levels: 8, or 6 (stored as 8-bit MatMulNBits, read at 6 bits by r1box's x86 kernel); "
+                        "default: the catalog's recipe, else 8")
     p.add_argument("--max-kl-divergence", type=float,
                    help="parity gate: how far (nats a token) the artifact's predictions may move from the source's "
                         "(default 0.05); inf keeps any result")

@@ -7,6 +7,7 @@ import fcntl
 from pathlib import Path
 
 from appliance.errors import ArtifactError
+from appliance.model import int4_kernel
 from appliance.model.manifest import load_manifest
 from export.catalog import lookup
 from export.fetch import cache_root
@@ -16,10 +17,13 @@ from export.quantize import QuantConfig
 
 
 def artifact_path(name: str, quant: QuantConfig | None = None, dtype: str = "float32") -> tuple[Path, QuantConfig]:
-    """Where the cache keeps a catalog model's export, and the recipe it is exported by."""
+    """Where the cache keeps a catalog model's export, and the recipe it is exported by. The export is this box's
+    own, so a GGUF's blocks are kept only where its CPU serves their float zero points as they are (r1box's int4
+    kernel: x86 with AVX2); a GPU or an ARM box gets them quantized anew."""
     entry = lookup(name)
-    quant = quant or QuantConfig(block_size=entry.block_size, int8_layers=entry.int8_layers, gptq=entry.gptq,
-                                 gguf_blocks=entry.keep_gguf_blocks and dtype == "float32")
+    keep = entry.keep_gguf_blocks and dtype == "float32" and int4_kernel.cpu_supports()
+    quant = quant or QuantConfig(block_size=entry.block_size, int8_layers=entry.int8_layers,
+                                 int8_layers_bits=entry.int8_layers_bits, gptq=entry.gptq, gguf_blocks=keep)
     key = entry.mirror.sha256[:16] if entry.mirror else "hub"
     return cache_root() / "artifacts" / f"{name}-{key}-{quant.tag}{'-fp16' if dtype == 'float16' else ''}", quant
 

@@ -50,7 +50,7 @@ def pack(levels: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
     """levels uint8 [N, blocks, block], scales [N, blocks], zero points uint8 [N, blocks] or None → the layout above."""
     q, scales = levels.numpy(), scales.numpy()
     zeros = None if zeros is None else zeros.numpy()
-    if bits == 8:
+    if bits > 4:  # a byte a level: 6-bit levels are stored as 8-bit MatMulNBits's
         return q, scales, zeros
     packed = q[..., 0::2] | (q[..., 1::2] << 4)
     if zeros is not None:

@@ -56,7 +56,7 @@ _ROWS_PER_PASS = 4096
 def calibrate(model, tokenizer: ChatTokenizer, bits_of: Callable[[str], int], block: int, symmetric: bool,
               new_tokens: int = 96, carried: dict[str, Parts] | None = None) -> dict[str, Fitted]:
     """GPTQ for every projection of a Qwen2 torch model; returns MatMulNBits tensors by the graph's weight name
-    (model.layers.N.self_attn.qkv_proj.weight, …, lm_head.weight). bits_of(graph weight name) → 4 or 8. carried:
+    (model.layers.N.self_attn.qkv_proj.weight, …, lm_head.weight). bits_of(graph weight name) → 4, 6 or 8. carried:
     a GGUF's own blocks (export/gguf_blocks.py), taken as they are; GPTQ quantizes only the other rows."""
     carried = carried or {}
     ids, mask = _conversations(model, tokenizer, new_tokens)

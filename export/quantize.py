@@ -4,7 +4,7 @@ Each MatMul's blocks are fitted by export/block_fit.py (a search of scale and ze
 MatMulNBits's layout here; onnxruntime's quantizer, plain rounding to nearest, does only the embedding table.
 Defaults come from measurement (shared/MODELS.md, our parity reports, the top README): zero points (asymmetric) keep
 top-1 agreement near 0.97 on the 0.5B where symmetric drops to 0.85, at the same decode speed; the block size and
-the MatMuls kept at 8 bits are each catalog model's recipe. Quantizing the embedding Gather too keeps the 1.5B near
+the MatMuls kept at 8 (or 6) bits are each catalog model's recipe. Quantizing the embedding Gather too keeps the 1.5B near
 1 GB; fp32 embeddings alone are 0.93 GB.
 """
 
@@ -32,12 +32,15 @@ class QuantConfig:
     # MatMuls kept at 8 bits, by name fragment ("lm_head", "qkv_proj", "down_proj"): the mixed recipe, in the
     # spirit of llama.cpp's Q4_K_M, for models whose int4 parity is too low (the catalog says which)
     int8_layers: tuple[str, ...] = ()
+    # their levels: 8 bits, or 6 (fitted on 64 levels and stored in 8-bit MatMulNBits, which onnxruntime runs as it
+    # is; r1box's int4 kernel reads them at 6 bits, 0.75 bytes a weight)
+    int8_layers_bits: int = 8
     # levels chosen by GPTQ on the source model's own answers (export/gptq.py), not by rounding each block alone
     gptq: bool = True
     # a GGUF source's Q4_K blocks taken as they are (export/gguf_blocks.py), where the recipe is theirs: int4 with
-    # zero points at block 32. Not the default: their float zero points are exact on r1box's int4 kernel only, and
-    # rounded for onnxruntime's own (no AVX512-VNNI, ARM) they read below a fresh quantization (the 1.5B: 0.891
-    # against 0.918; kept, on the kernel, 0.945)
+    # zero points at block 32. A catalog model's choice (the 1.5B's), not the default: their float zero points are
+    # served as they are by r1box's int4 kernel (x86 with AVX2) only, and rounded for onnxruntime's own (ARM) they
+    # read below a fresh quantization (the 1.5B: 0.891 against 0.918; kept, on the kernel, 0.945)
     gguf_blocks: bool = False
 
     @property
@@ -51,8 +54,11 @@ class QuantConfig:
         return self.gguf_blocks and self.precision == "int4" and self.block_size == BLOCK and not self.symmetric
 
     def bits_for(self, name: str) -> int:
-        """The bits of one MatMul, by its node or weight name: the precision's, or 8 for an int8_layers match."""
-        return 8 if self.bits == 8 or any(fragment in name for fragment in self.int8_layers) else 4
+        """The bits of one MatMul's levels, by its node or weight name: the precision's, or int8_layers_bits for an
+        int8_layers match."""
+        if self.bits == 8:
+            return 8
+        return self.int8_layers_bits if any(fragment in name for fragment in self.int8_layers) else 4
 
     @property
     def tag(self) -> str:
@@ -62,7 +68,7 @@ class QuantConfig:
         return (f"{self.precision}-b{self.block_size}-{'sym' if self.symmetric else 'asym'}"
                 f"-{'gptq' if self.gptq else 'fit'}"
                 f"-acc{self.accuracy_level}{'-emb' if self.quantize_embedding else ''}"
-                f"{'-i8.' + '.'.join(sorted(self.int8_layers)) if self.int8_layers else ''}"
+                f"{f'-i{self.int8_layers_bits}.' + '.'.join(sorted(self.int8_layers)) if self.int8_layers else ''}"
                 f"{'-q4k' if self.keeps_gguf_blocks else ''}")
 
 
@@ -110,7 +116,7 @@ def _fit_matmuls(model: onnx.ModelProto, config: QuantConfig, fitted: dict, carr
     for index in count_bar(matmuls, "MatMulNBits", "MatMul"):  # minutes for the 1.5B
         node = graph.node[index]
         bits = config.bits_for(node.name)
-        if bits == 8 and config.bits == 4:
+        if bits > 4 and config.bits == 4:
             wide.append(node.name)
         name = node.input[1]
         weight = graph.initializer[weights[name]]
@@ -142,7 +148,7 @@ def _fit_matmuls(model: onnx.ModelProto, config: QuantConfig, fitted: dict, carr
                 inputs.append(name + suffix)
         graph.node[index].CopyFrom(helper.make_node(
             "MatMulNBits", inputs, list(node.output),
-            name=node.name, domain="com.microsoft", K=k, N=n, bits=bits,
+            name=node.name, domain="com.microsoft", K=k, N=n, bits=4 if bits == 4 else 8,  # 6-bit levels in 8
             block_size=config.block_size, accuracy_level=config.accuracy_level))
         drop.add(name)
     if config.int8_layers and config.bits == 4 and not wide:

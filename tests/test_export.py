@@ -1,6 +1,7 @@
 """`r1box export` on a tiny random Qwen2 with the real R1 tokenizer: graph, quantization, manifest, parity, and
 the failures that must leave nothing behind."""
 
+import dataclasses
 import fcntl
 import json
 import math
@@ -14,6 +15,7 @@ import onnx
 import pytest
 
 from appliance.errors import ExportError, ModelSourceError, UnsupportedModelError
+from appliance.model import int4_kernel
 from appliance.model.manifest import sha256_of
 from export.artifacts import artifact_path, cached_artifact
 from export.pipeline import export_model
@@ -215,13 +217,18 @@ def test_the_catalog_recipe_reaches_export_and_cache_and_flags_override_it():
 
     parse = lambda *argv: export_recipe(build_parser().parse_args(["export", *argv, "--out", "unused"]))
     stand_in = parse("qwen2.5-coder-1.5b-instruct")
-    assert (stand_in.block_size, stand_in.int8_layers, stand_in.gptq) == (32, ("lm_head",), False)
-    assert stand_in.keeps_gguf_blocks and artifact_path("qwen2.5-coder-1.5b-instruct")[1] == stand_in
+    assert (stand_in.block_size, stand_in.int8_layers, stand_in.int8_layers_bits, stand_in.gptq) == \
+        (32, ("lm_head",), 6, False)
+    assert stand_in.keeps_gguf_blocks
+    # the box's own export keeps them where its CPU serves float zero points as they are (the int4 kernel)
+    on_this_box = artifact_path("qwen2.5-coder-1.5b-instruct")[1]
+    assert on_this_box == (stand_in if int4_kernel.cpu_supports() else dataclasses.replace(stand_in, gguf_blocks=False))
     # a GPU artifact is quantized anew: float zero points are the CPU kernel's
     assert not parse("qwen2.5-coder-1.5b-instruct", "--dtype", "float16").gguf_blocks
     assert not artifact_path("qwen2.5-coder-1.5b-instruct", dtype="float16")[1].gguf_blocks
     redone = parse("qwen2.5-coder-1.5b-instruct", "--no-keep-gguf-blocks", "--gptq", "--block-size", "128",
-                   "--int8-layers", "none")
-    assert (redone.gguf_blocks, redone.gptq, redone.block_size, redone.int8_layers) == (False, True, 128, ())
+                   "--int8-layers", "none", "--int8-layers-bits", "8")
+    assert (redone.gguf_blocks, redone.gptq, redone.block_size, redone.int8_layers, redone.int8_layers_bits) == \
+        (False, True, 128, (), 8)
     assert parse("some/hf-dir") == QuantConfig()  # outside the catalog: the defaults
     assert parse("qwen2.5-coder-0.5b-instruct").int8_layers == ("lm_head", "qkv_proj", "down_proj")

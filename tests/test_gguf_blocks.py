@@ -57,7 +57,7 @@ def test_a_truncated_tensor_is_refused():
 def _matmul(inputs: list[np.ndarray], k: int, n: int, op: str, library=None) -> ort.InferenceSession:
     names = ["B", "scales", "zero_points"][:len(inputs)]  # the kernel's: weights, then scales and zero points in one
     domain = "com.microsoft" if op == "MatMulNBits" else int4_kernel.DOMAIN
-    attrs = dict(K=k, N=n, block_size=BLOCK) | (dict(bits=4, accuracy_level=4) if op == "MatMulNBits" else {})
+    attrs = dict(K=k, N=n, block_size=BLOCK, bits=4) | (dict(accuracy_level=4) if op == "MatMulNBits" else {})
     node = helper.make_node(op, ["A", *names], ["Y"], domain=domain, **attrs)
     graph = helper.make_graph([node], "one", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])],

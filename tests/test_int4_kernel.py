@@ -4,7 +4,10 @@ Built for real (g++ against Debian's onnxruntime headers) and run inside onnxrun
 same weights, by each of its paths the CPU can run (AVX512-VNNI where it has it, AVX2 always); skipped, with the
 reason, on a CPU without AVX2."""
 
+import math
+
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -35,13 +38,15 @@ def each_path(request):
     return built
 
 
-def _session(op: str, inputs: list[np.ndarray], k: int, n: int, block: int, library=None) -> ort.InferenceSession:
+def _session(op: str, inputs: list[np.ndarray], k: int, n: int, block: int, library=None, bits: int = 4
+             ) -> ort.InferenceSession:
     names = ["B", "scales", "zero_points"][:len(inputs)]
     if op == "MatMulNBits":
-        node = helper.make_node(op, ["A", *names], ["Y"], domain="com.microsoft", K=k, N=n, bits=4,
+        node = helper.make_node(op, ["A", *names], ["Y"], domain="com.microsoft", K=k, N=n, bits=bits,
                                 block_size=block, accuracy_level=4)
     else:
-        node = helper.make_node(op, ["A", *names], ["Y"], domain=int4_kernel.DOMAIN, K=k, N=n, block_size=block)
+        node = helper.make_node(op, ["A", *names], ["Y"], domain=int4_kernel.DOMAIN, K=k, N=n, block_size=block,
+                                bits=bits)
     graph = helper.make_graph([node], "one", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", "K"])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", "N"])],
                               [numpy_helper.from_array(x, name) for x, name in zip(inputs, names)])
@@ -74,6 +79,28 @@ def test_products_equal_matmulnbits(each_path, k, n, block, zero_points):
 
 
 @needs_kernel
+@pytest.mark.parametrize("k,n,block,zero_points", [(256, 96, 32, True), (1536, 2048, 128, True), (512, 48, 64, False)])
+def test_six_bit_levels_of_an_8_bit_matmulnbits_equal_it(each_path, k, n, block, zero_points):
+    """An 8-bit MatMulNBits whose levels are below 64 (a 6-bit output projection) is read at 6 bits: 0.75 bytes a
+    weight instead of 1."""
+    rng = np.random.default_rng(k + n + 6)
+    blocks = k // block
+    b = rng.integers(0, 64, (n, blocks, block), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.02, n * blocks).astype(np.float16).astype(np.float32)
+    zeros = rng.integers(0, 64, n * blocks, dtype=np.uint8) if zero_points else None  # none: 128, onnxruntime's
+    inputs = [b, scales] + ([zeros] if zero_points else [])
+    theirs = _session("MatMulNBits", inputs, k, n, block, bits=8)
+    weights, params = int4_kernel.pack(b, scales, zeros, n, k, block, bits=6)
+    assert weights.nbytes == n * k * 3 // 4
+    ours = _session(int4_kernel.OP, [weights, params], k, n, block, each_path, bits=6)
+    for rows in (1, 3, 16, 37):
+        a = rng.standard_normal((rows, k)).astype(np.float32)
+        a[:, 7] *= 40
+        expected, got = theirs.run(None, {"A": a})[0], ours.run(None, {"A": a})[0]
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+@needs_kernel
 def test_wrong_shapes_are_refused(library):
     k, n, block = 64, 16, 32
     b = np.zeros((n, k // block, block // 2), np.uint8)
@@ -96,6 +123,28 @@ def test_tiny_model_logits_match(library, tiny_int4):
     a, b = theirs.new_cache(1, 128), ours.new_cache(1, 128)
     expected, got = theirs.prefill(a, 0, prompt), ours.prefill(b, 0, prompt)
     for token in (5, 17, 99):
+        np.testing.assert_allclose(got, expected, rtol=0, atol=2e-3 * np.abs(expected).max())
+        expected, got = theirs.decode(a, 0, token), ours.decode(b, 0, token)
+
+
+@needs_kernel
+def test_a_six_bit_output_projection_is_exported_portable_and_read_at_six_bits(library, tiny_hf_dir, tmp_path):
+    from export.pipeline import export_model
+    from export.quantize import QuantConfig
+
+    quant = QuantConfig(int8_layers=("lm_head",), int8_layers_bits=6, gptq=False)
+    out = export_model(str(tiny_hf_dir), tmp_path / "six", quant, max_kl_divergence=math.inf)
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)
+    assert next(a.i for a in head.attribute if a.name == "bits") == 8  # onnxruntime runs it as it is anywhere
+    levels = numpy_helper.to_array(next(t for t in graph.initializer if t.name == head.input[1]), str(out))
+    assert levels.max() < 64 and levels.max() > 31
+    manifest = load_manifest(out)
+    theirs, ours = Decoder(manifest, threads=2, int4=False), Decoder(manifest, threads=2, int4=True)
+    assert ours.int4_matmuls == 2 * 4 + 1  # lm_head among them, at 6 bits
+    a, b = theirs.new_cache(1, 64), ours.new_cache(1, 64)
+    expected, got = theirs.prefill(a, 0, list(range(100, 140))), ours.prefill(b, 0, list(range(100, 140)))
+    for token in (5, 17):
         np.testing.assert_allclose(got, expected, rtol=0, atol=2e-3 * np.abs(expected).max())
         expected, got = theirs.decode(a, 0, token), ours.decode(b, 0, token)
 

@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
               "prefill_chunk": args.prefill_chunk or PREFILL_CHUNK[decoder.device],
               "cpu": _cpuinfo("model name"), "cpu_flags": _cpuinfo("flags"), "machine": platform.machine(),
               "quantization": manifest.raw["quantization"].get("tag")
-              or {k: manifest.raw["quantization"].get(k) for k in ("bits", "block_size", "int8_layers")},
+              or {k: manifest.raw["quantization"].get(k)
+                  for k in ("bits", "block_size", "int8_layers", "int8_layers_bits", "gguf_blocks_kept")},
               "int4_kernel_matmuls": decoder.int4_matmuls, "int4_kernel_path": decoder.int4_path,
               "r1box": r1, "genai": genai, "llama_cpp": llama}
     report["ratios"] = ratios(r1, genai, llama)

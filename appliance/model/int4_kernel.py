@@ -9,6 +9,11 @@ Its outputs equal MatMulNBits's to float rounding (about 1e-7 of the largest); a
 On CPUs without AVX512-VNNI (AMD before Zen 4, Intel before Ice Lake) the same layout is read with AVX2's
 vpmaddubsw and vpmaddwd, half a tile at a time; the library holds both paths and picks one at load.
 
+A decode step reads every weight once, so its time is bytes: the layout holds each block's scales and zero points
+in fp16 (one cache line a tile's block; 0.125 bytes a weight at block 32 instead of float's 0.25), and an 8-bit
+MatMulNBits whose levels are all below 64 (the export's 6-bit output projection) is read at 6 bits, 0.75 bytes a
+weight instead of 1: four bits beside the int4 nibbles and two more in a plane after them.
+
 The artifact stays standard MatMulNBits (the CUDA provider and ARM boxes run it as it is): at load, on a CPU that
 has the instructions and with the library built, each eligible MatMulNBits node becomes ai.r1box's MatMulInt4 and
 its weights are repacked once into new buffers that onnxruntime uses in place (SessionOptions.add_initializer);
@@ -170,32 +175,36 @@ class Rewritten:
 
 
 def eligible(attrs: dict, inputs: int) -> bool:
-    """MatMulNBits nodes this op computes exactly as onnxruntime would: 4 bits, int8 activations, whole blocks of
-    a multiple of 16 along K (up to 256), tiles of 16 columns, zero points (4-bit or float) or none, no bias or group
-    index."""
+    """MatMulNBits nodes this op computes exactly as onnxruntime would: 4 bits (or 8 bits whose levels are all below
+    64, which rewrite() checks: read at 6), int8 activations, whole blocks of a multiple of 16 along K (up to 256),
+    tiles of 16 columns, zero points (whole or float) or none, no bias or group index."""
     k, n, block = attrs.get("K", 0), attrs.get("N", 0), attrs.get("block_size", 0)
-    return (attrs.get("bits", 4) == 4 and attrs.get("accuracy_level", 0) == 4 and inputs in (3, 4)
+    return (attrs.get("bits", 4) in (4, 8) and attrs.get("accuracy_level", 0) == 4 and inputs in (3, 4)
             and 16 <= block <= 256 and block % 16 == 0 and k % block == 0 and n % LANES == 0 and n > 0)
 
 
-def pack(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, n: int, k: int, block: int
-         ) -> tuple[np.ndarray, np.ndarray]:
+def pack(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, n: int, k: int, block: int,
+         bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """MatMulNBits's tensors → MatMulInt4's, by the library's own packer (numpy's transposes took 5.5 s on the
     1.5B's 113 MatMuls at load, C takes a fraction): weights [N/16][K/block][block/8][64] (byte 4j+i of group g:
-    column j's k = 8g+i low, 8g+4+i high), and fp16 params [N/16][K/block][2][16], a block's 16 scales then its 16
-    zero points. Scales that are not fp16 already (artifacts exported before r1box wrote them so) are rounded."""
+    column j's k = 8g+i low, 8g+4+i high; at 6 bits 32 bytes of top bits follow each group), and fp16 params
+    [N/16][K/block][2][16], a block's 16 scales then its 16 zero points. bits 6 takes an 8-bit MatMulNBits whose
+    levels are below 64. Scales that are not fp16 already (artifacts exported before r1box wrote them so) are
+    rounded."""
     library = ctypes.CDLL(str(built_library()))
     blocks = k // block
     b = np.ascontiguousarray(b, np.uint8)
-    # float zero points (one a block, not whole levels: a GGUF's Q4_K offsets), 4-bit ones two a byte, or none
+    # float zero points (one a block, not whole levels: a GGUF's Q4_K offsets), 4-bit ones two a byte, 8-bit ones
+    # a byte each, or none
     float_zeros = zero_points is not None and zero_points.dtype == np.float32
-    if b.size != n * k // 2 or scales.size != n * blocks or (
-            zero_points is not None and zero_points.size != n * (blocks if float_zeros else (blocks + 1) // 2)):
+    zero_size = n * (blocks if float_zeros or bits == 6 else (blocks + 1) // 2)
+    if b.size != n * k // (1 if bits == 6 else 2) or scales.size != n * blocks or (
+            zero_points is not None and zero_points.size != zero_size):
         raise ArtifactError(f"a MatMulNBits of N={n}, K={k}, block {block} has tensors of other sizes; export the "
                             "model again.")
     if zero_points is None:
-        zeros = np.full(n * blocks, 8, np.float16)  # MatMulNBits's default for 4 bits
-    elif float_zeros:
+        zeros = np.full(n * blocks, 8 if bits == 4 else 128, np.float16)  # MatMulNBits's defaults (4 and 8 bits)
+    elif float_zeros or bits == 6:
         zeros = zero_points.astype(np.float16)
     else:
         nibbles = zero_points.reshape(n, -1)
@@ -203,10 +212,11 @@ def pack(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, n: i
     scales16 = np.ascontiguousarray(scales, np.float32).astype(np.float16)
     if not (np.isfinite(scales16).all() and np.isfinite(zeros).all()):
         raise ArtifactError(f"a MatMulNBits of N={n}, K={k} has scales or zero points beyond fp16's range")
-    weights, params = np.empty(n * k // 2, np.uint8), np.empty(2 * n * blocks, np.float16)
+    weights, params = np.empty(n * k * bits // 8, np.uint8), np.empty(2 * n * blocks, np.float16)
     pointer = lambda array: ctypes.c_void_p(array.ctypes.data)
     library.r1box_int4_pack(pointer(b), pointer(scales16), pointer(np.ascontiguousarray(zeros)), ctypes.c_int64(n),
-                            ctypes.c_int64(k), ctypes.c_int64(block), pointer(weights), pointer(params))
+                            ctypes.c_int64(k), ctypes.c_int64(block), ctypes.c_int64(bits), pointer(weights),
+                            pointer(params))
     return weights, params
 
 
@@ -236,8 +246,12 @@ def rewrite(graph_path: Path) -> Rewritten:
             continue
         k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
         b, scales, *zero_points = (_read(tensors[name], graph_path.parent) for name in node.input[1:])
+        bits = 4 if attrs.get("bits", 4) == 4 else 6
+        if bits == 6 and b.max() > 63:  # levels of a whole byte: onnxruntime's 8-bit kernel keeps them
+            nodes.append(node)
+            continue
         zeros = zero_points[0] if zero_points else None
-        packed = pack(b, scales, zeros, n, k, block)
+        packed = pack(b, scales, zeros, n, k, block, bits)
         out.rounded += not (fp16_exact(scales) and (zeros is None or zeros.dtype != np.float32 or fp16_exact(zeros)))
         names = [f"{node.input[1]}.{suffix}" for suffix in ("int4x16", "params16")]
         for name, array in zip(names, packed):
@@ -245,7 +259,7 @@ def rewrite(graph_path: Path) -> Rewritten:
         out.names += names
         out.arrays += packed
         nodes.append(helper.make_node(OP, [node.input[0], *names], list(node.output), name=node.name, domain=DOMAIN,
-                                      K=k, N=n, block_size=block))
+                                      K=k, N=n, block_size=block, bits=bits))
         out.matmuls += 1
     del graph.node[:]
     graph.node.extend(nodes)

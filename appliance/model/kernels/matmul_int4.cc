@@ -1,15 +1,18 @@
-// MatMulInt4 (domain ai.r1box): Y = A · Wᵀ for int4 weights in blocks along K with a scale and a zero point each,
-// the arithmetic of onnxruntime's MatMulNBits at accuracy level 4 (activations quantized to int8 per block), laid
-// out so that one unpacked block of weights serves every row of A: lanes are 16 output columns, each 32-bit lane
-// accumulates 4 consecutive k (AVX512-VNNI's vpdpbusd; AVX2's vpmaddubsw and vpmaddwd on CPUs without it), so a
-// batched step reads its weights once and never sums across lanes. The library is built for any x86-64; each path
-// carries its own target and the CPU picks one at load.
+// MatMulInt4 (domain ai.r1box): Y = A · Wᵀ for int4 (or 6-bit) weights in blocks along K with a scale and a zero
+// point each, the arithmetic of onnxruntime's MatMulNBits at accuracy level 4 (activations quantized to int8 per
+// block), laid out so that one unpacked block of weights serves every row of A: lanes are 16 output columns, each
+// 32-bit lane accumulates 4 consecutive k (AVX512-VNNI's vpdpbusd; AVX2's vpmaddubsw and vpmaddwd on CPUs without
+// it), so a batched step reads its weights once and never sums across lanes. The library is built for any x86-64;
+// each path carries its own target and the CPU picks one at load.
 //
 // W: [N/16][K/block][block/8][64] bytes; byte 4j+i of group g holds column j's k = 8g+i in its low nibble and
-//    k = 8g+4+i in its high one. params: fp16 [N/16][K/block][2][16], the 16 columns' scales then their zero
-//    points: a block's are one cache line, and at block 32 they take 0.125 bytes a weight instead of float's 0.25
-//    (a decode step reads every weight: bytes are its time). r1box's export writes fp16-exact scales (as llama.cpp's
-//    Q4_0 and Q8_0 store theirs), so the products stay MatMulNBits's.
+//    k = 8g+4+i in its high one. At 6 bits (levels 0…63: a narrow output projection, stored by the artifact in 8-bit
+//    MatMulNBits) a group is 96 bytes: those 64 hold each level's low four bits, and byte c of the 32 after them
+//    the top two bits of byte c's two levels (bits 0-1 the low nibble's, 2-3 the high's) and of byte c+32's (4-7).
+// params: fp16 [N/16][K/block][2][16], the 16 columns' scales then their zero points: a block's are one cache line,
+//    and at block 32 they take 0.125 bytes a weight instead of float's 0.25 (a decode step reads every weight: bytes
+//    are its time). r1box's export writes fp16-exact scales (as llama.cpp's Q4_0 and Q8_0 store theirs), so the
+//    products stay MatMulNBits's.
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
@@ -29,6 +32,10 @@ namespace {
 
 constexpr int64_t kLanes = 16;     // output columns per tile
 constexpr int64_t kTilesPerTask = 4;
+// A tile's weights are one stream, read once a step: asking for the line 2 KB ahead keeps enough of it in flight that
+// a row waits on memory far less. The 1.5B's step on an Intel Xeon, one stream: VNNI 47–48 → 39–40 ms (1 KB ahead
+// 41–42, 4 KB as 2, 8 KB 40.5–41), AVX2 55 → 40; sixteen rows 127 → 95–101 and 226 → 200–204.
+constexpr int64_t kPrefetchBytes = 2048;
 
 struct Quantized {  // A in int8, per row and block: the scale and the sum of the levels (for the zero points)
   std::vector<int8_t> levels;
@@ -37,6 +44,7 @@ struct Quantized {  // A in int8, per row and block: the scale and the sum of th
 
 struct Step {
   const Quantized* a;
+  int64_t group_bytes;  // 64 at 4 bits, 96 at 6
   const uint8_t* weights;
   const uint16_t* params;
   float* y;
@@ -45,6 +53,8 @@ struct Step {
 
 using QuantizeFn = void (*)(const float*, int64_t, int64_t, int64_t, Quantized&);
 using TileFn = void (*)(const Step&, int64_t, int64_t);
+
+constexpr int64_t group_bytes(int bits) { return bits == 4 ? 64 : 96; }
 
 void resize(Quantized& q, int64_t rows, int64_t k, int64_t block) {
   q.levels.resize(rows * k);
@@ -85,7 +95,7 @@ R1BOX_TARGET void quantize(const float* a, int64_t rows, int64_t k, int64_t bloc
   }
 }
 
-template <int Rows>
+template <int Rows, int Bits>
 R1BOX_TARGET void tile_rows(const Step& s, int64_t tile, int64_t row0) {
   // vpdpbusd's latency is several cycles: with few rows, each row gets several accumulators so that enough
   // independent sums are in flight (low and high nibbles apart, and alternate groups apart)
@@ -94,19 +104,27 @@ R1BOX_TARGET void tile_rows(const Step& s, int64_t tile, int64_t row0) {
   const int8_t* levels = s.a->levels.data() + row0 * s.k;
   const float* a_scales = s.a->scales.data() + row0 * blocks;
   const float* a_sums = s.a->sums.data() + row0 * blocks;
-  const __m512i nibble = _mm512_set1_epi8(15);
+  const __m512i nibble = _mm512_set1_epi8(15), three = _mm512_set1_epi8(3), twelve = _mm512_set1_epi8(12);
+  constexpr int64_t stride = group_bytes(Bits);
   __m512 out[Rows];
   for (int r = 0; r < Rows; r++) out[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; b++) {
     __m512i dot[Rows][kChains];
     for (int r = 0; r < Rows; r++)
       for (int c = 0; c < kChains; c++) dot[r][c] = _mm512_setzero_si512();
-    const uint8_t* w = s.weights + ((tile * blocks + b) * groups) * 64;
+    const uint8_t* w = s.weights + ((tile * blocks + b) * groups) * stride;
     const int8_t* x = levels + b * s.block;
     for (int64_t g = 0; g < groups; g++) {
-      const __m512i packed = _mm512_loadu_si512(w + g * 64);
-      const __m512i low = _mm512_and_si512(packed, nibble);
-      const __m512i high = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+      _mm_prefetch(reinterpret_cast<const char*>(w + g * stride + kPrefetchBytes), _MM_HINT_T0);
+      const __m512i packed = _mm512_loadu_si512(w + g * stride);
+      __m512i low = _mm512_and_si512(packed, nibble);
+      __m512i high = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+      if constexpr (Bits == 6) {  // the top bits: bytes 0-31's in the low nibbles, 32-63's in the high ones
+        const __m256i top = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * stride + 64));
+        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(top), _mm256_srli_epi16(top, 4), 1);
+        low = _mm512_or_si512(low, _mm512_slli_epi16(_mm512_and_si512(both, three), 4));
+        high = _mm512_or_si512(high, _mm512_slli_epi16(_mm512_and_si512(both, twelve), 2));
+      }
       const int c_low = (kChains == 4 ? 2 * (g & 1) : 0), c_high = c_low + (kChains > 1 ? 1 : 0);
       for (int r = 0; r < Rows; r++) {
         int32_t first, second;
@@ -138,14 +156,14 @@ R1BOX_TARGET void tile_rows(const Step& s, int64_t tile, int64_t row0) {
 // AVX2 (x86-64-v3): vpmaddubsw multiplies unsigned weight bytes by signed activation bytes and adds pairs into
 // 16-bit lanes, vpmaddwd then adds pairs of those into 32-bit ones. A weight is at most 15 and a level at most 127
 // in size, so a 16-bit lane holds four groups' products (8 × 2 × 15 × 127 = 30480) before they must widen: one
-// vpmaddwd per four groups. A ymm register holds 8 columns, a tile's half. Rows go eight at a time: some sums
-// spill to the stack, yet 16 rows of a 1536 × 8960 MatMul ran as fast as four at a time, and 1.5× faster than two.
+// vpmaddwd per four groups; 6-bit levels (up to 63) widen every group (2 × 2 × 63 × 127 = 32004). A ymm register
+// holds 8 columns, a tile's half. Rows go eight at a time: some sums spill to the stack, yet 16 rows of a 1536 × 8960
+// MatMul ran as fast as four at a time, and 1.5× faster than two.
 namespace avx2 {
 
 #define R1BOX_TARGET __attribute__((target("avx2,fma,f16c")))
 
 constexpr int64_t kMaxRows = 8;
-constexpr int64_t kGroupsPerWiden = 4;
 
 R1BOX_TARGET void quantize(const float* a, int64_t rows, int64_t k, int64_t block, Quantized& q) {
   const int64_t blocks = k / block;
@@ -179,32 +197,42 @@ R1BOX_TARGET void quantize(const float* a, int64_t rows, int64_t k, int64_t bloc
 
 // Halves: how many 8-column halves of the tile one pass takes. With one or two rows both (each cache line of weights
 // read once); with more, one at a time, so that the rows' sums stay in registers.
-template <int Rows, int Halves = (Rows <= 2 ? 2 : 1)>
+template <int Rows, int Bits, int Halves = (Rows <= 2 ? 2 : 1)>
 R1BOX_TARGET void tile_rows(const Step& s, int64_t tile, int64_t row0) {
+  constexpr int64_t stride = group_bytes(Bits), groups_per_widen = Bits == 4 ? 4 : 1;
   const int64_t blocks = s.k / s.block, groups = s.block / 8;
   const int8_t* levels = s.a->levels.data() + row0 * s.k;
   const float* a_scales = s.a->scales.data() + row0 * blocks;
   const float* a_sums = s.a->sums.data() + row0 * blocks;
   const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  const __m256i three = _mm256_set1_epi8(3), twelve = _mm256_set1_epi8(12);
   for (int64_t first_half = 0; first_half < 2; first_half += Halves) {
     __m256 out[Rows][Halves];
     for (int r = 0; r < Rows; r++)
       for (int h = 0; h < Halves; h++) out[r][h] = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
-      const uint8_t* w = s.weights + ((tile * blocks + b) * groups) * 64 + first_half * 32;
+      const uint8_t* w = s.weights + ((tile * blocks + b) * groups) * stride;
       const int8_t* x = levels + b * s.block;
       __m256i dot[Rows][Halves];
       for (int r = 0; r < Rows; r++)
         for (int h = 0; h < Halves; h++) dot[r][h] = _mm256_setzero_si256();
-      for (int64_t g0 = 0; g0 < groups; g0 += kGroupsPerWiden) {
+      for (int64_t g0 = 0; g0 < groups; g0 += groups_per_widen) {
         __m256i narrow[Rows][Halves];
         for (int r = 0; r < Rows; r++)
           for (int h = 0; h < Halves; h++) narrow[r][h] = _mm256_setzero_si256();
-        for (int64_t g = g0; g < std::min(groups, g0 + kGroupsPerWiden); g++) {
+        for (int64_t g = g0; g < std::min(groups, g0 + groups_per_widen); g++) {
+          _mm_prefetch(reinterpret_cast<const char*>(w + g * stride + kPrefetchBytes), _MM_HINT_T0);
           for (int h = 0; h < Halves; h++) {
-            const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 64 + h * 32));
-            const __m256i low = _mm256_and_si256(packed, nibble);
-            const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
+            const int64_t half = first_half + h;
+            const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * stride + half * 32));
+            __m256i low = _mm256_and_si256(packed, nibble);
+            __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
+            if constexpr (Bits == 6) {  // this half's top bits: the low nibbles of the 32 bytes after, or the high
+              __m256i top = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * stride + 64));
+              if (half == 1) top = _mm256_srli_epi16(top, 4);
+              low = _mm256_or_si256(low, _mm256_slli_epi16(_mm256_and_si256(top, three), 4));
+              high = _mm256_or_si256(high, _mm256_slli_epi16(_mm256_and_si256(top, twelve), 2));
+            }
             for (int r = 0; r < Rows; r++) {
               int32_t first, second;
               std::memcpy(&first, x + r * s.k + g * 8, 4);
@@ -240,27 +268,34 @@ R1BOX_TARGET void tile_rows(const Step& s, int64_t tile, int64_t row0) {
 
 }  // namespace avx2
 
-template <TileFn (*Pick)(int64_t), int64_t MaxRows>
+template <TileFn (*Pick)(int64_t, int64_t), int64_t MaxRows>
 void run_tiles(void* data, size_t task) {
   const Step& s = *static_cast<const Step*>(data);
   const int64_t tiles = s.n / kLanes;
   const int64_t end = std::min<int64_t>(tiles, (task + 1) * kTilesPerTask);
   for (int64_t tile = task * kTilesPerTask; tile < end; tile++)
-    for (int64_t row0 = 0; row0 < s.rows; row0 += MaxRows) Pick(std::min(MaxRows, s.rows - row0))(s, tile, row0);
+    for (int64_t row0 = 0; row0 < s.rows; row0 += MaxRows)
+      Pick(std::min(MaxRows, s.rows - row0), s.group_bytes)(s, tile, row0);
 }
 
-template <int... R>
+template <int Bits, int... R>
 constexpr std::array<TileFn, sizeof...(R)> vnni_table(std::integer_sequence<int, R...>) {
-  return {&vnni::tile_rows<R + 1>...};
+  return {&vnni::tile_rows<R + 1, Bits>...};
 }
-template <int... R>
+template <int Bits, int... R>
 constexpr std::array<TileFn, sizeof...(R)> avx2_table(std::integer_sequence<int, R...>) {
-  return {&avx2::tile_rows<R + 1>...};
+  return {&avx2::tile_rows<R + 1, Bits>...};
 }
-constexpr auto kVnniTiles = vnni_table(std::make_integer_sequence<int, vnni::kMaxRows>{});
-constexpr auto kAvx2Tiles = avx2_table(std::make_integer_sequence<int, avx2::kMaxRows>{});
-TileFn vnni_tile(int64_t rows) { return kVnniTiles[rows - 1]; }
-TileFn avx2_tile(int64_t rows) { return kAvx2Tiles[rows - 1]; }
+constexpr auto kVnniTiles4 = vnni_table<4>(std::make_integer_sequence<int, vnni::kMaxRows>{});
+constexpr auto kVnniTiles6 = vnni_table<6>(std::make_integer_sequence<int, vnni::kMaxRows>{});
+constexpr auto kAvx2Tiles4 = avx2_table<4>(std::make_integer_sequence<int, avx2::kMaxRows>{});
+constexpr auto kAvx2Tiles6 = avx2_table<6>(std::make_integer_sequence<int, avx2::kMaxRows>{});
+TileFn vnni_tile(int64_t rows, int64_t bytes) {
+  return (bytes == group_bytes(4) ? kVnniTiles4 : kVnniTiles6)[rows - 1];
+}
+TileFn avx2_tile(int64_t rows, int64_t bytes) {
+  return (bytes == group_bytes(4) ? kAvx2Tiles4 : kAvx2Tiles6)[rows - 1];
+}
 
 struct Isa {
   const char* name;
@@ -285,15 +320,17 @@ const Isa& isa() {
 }
 
 struct Kernel {
-  int64_t k, n, block;
+  int64_t k, n, block, bits;
 
   explicit Kernel(const OrtKernelInfo* info) {
     Ort::ConstKernelInfo ki(info);
     k = ki.GetAttribute<int64_t>("K");
     n = ki.GetAttribute<int64_t>("N");
     block = ki.GetAttribute<int64_t>("block_size");
+    bits = ki.GetAttribute<int64_t>("bits");
     if (block < 16 || block % 16 != 0 || k % block != 0 || n % kLanes != 0 || n <= 0)
       fail("MatMulInt4: block_size must be a multiple of 16 dividing K, and N a positive multiple of 16");
+    if (bits != 4 && bits != 6) fail("MatMulInt4: bits must be 4 or 6");
   }
 
   [[noreturn]] static void fail(const std::string& message) {
@@ -313,7 +350,7 @@ struct Kernel {
       std::vector<int64_t> shape = a.GetTensorTypeAndShapeInfo().GetShape();
       if (shape.empty() || shape.back() != k) fail("MatMulInt4: A's last dimension must be K = " + std::to_string(k));
       const auto weights = ctx.GetInput(1), params = ctx.GetInput(2);
-      expect_size(weights, n * k / 2, "the weights");
+      expect_size(weights, n * k / 128 * group_bytes(bits), "the weights");  // a group: 8 k of 16 columns
       expect_size(params, 2 * n * (k / block), "the scales and zero points");
       int64_t rows = 1;
       for (size_t i = 0; i + 1 < shape.size(); i++) rows *= shape[i];
@@ -322,8 +359,9 @@ struct Kernel {
       if (rows == 0) return nullptr;
       thread_local Quantized quantized;
       isa().quantize(a.GetTensorData<float>(), rows, k, block, quantized);
-      Step step{&quantized, weights.GetTensorData<uint8_t>(), static_cast<const uint16_t*>(params.GetTensorRawData()),
-                y.GetTensorMutableData<float>(), rows, k, n, block};
+      Step step{&quantized, group_bytes(bits), weights.GetTensorData<uint8_t>(),
+                static_cast<const uint16_t*>(params.GetTensorRawData()), y.GetTensorMutableData<float>(), rows, k, n,
+                block};
       const int64_t tasks = (n / kLanes + kTilesPerTask - 1) / kTilesPerTask;
       ctx.ParallelFor(isa().run, static_cast<size_t>(tasks), 0, &step);
       return nullptr;
@@ -356,23 +394,35 @@ struct MatMulInt4 : Ort::CustomOpBase<MatMulInt4, Kernel, true> {
 
 }  // namespace
 
-// MatMulNBits's tensors into MatMulInt4's, at load: weights [N][K/block][block/2] (k even in the low nibble), scales
-// and zero points fp16 [N][K/block] (converted by the caller, zero points unpacked). N % 16 == 0, block % 16 == 0.
+// MatMulNBits's tensors into MatMulInt4's, at load: weights [N][K/block][block/2] at 4 bits (k even in the low nibble)
+// or [N][K/block][block] at 6 (levels below 64, one a byte: 8-bit MatMulNBits), scales and zero points fp16
+// [N][K/block] (converted by the caller, zero points unpacked). N % 16 == 0, block % 16 == 0.
 extern "C" void r1box_int4_pack(const uint8_t* b, const uint16_t* scales, const uint16_t* zeros, int64_t n, int64_t k,
-                                int64_t block, uint8_t* weights, uint16_t* params) {
-  const int64_t blocks = k / block, groups = block / 8;
+                                int64_t block, int64_t bits, uint8_t* weights, uint16_t* params) {
+  const int64_t blocks = k / block, groups = block / 8, stride = group_bytes(static_cast<int>(bits));
   for (int64_t tile = 0; tile < n / kLanes; tile++)
     for (int64_t bl = 0; bl < blocks; bl++) {
-      uint8_t* out = weights + (tile * blocks + bl) * groups * 64;
+      uint8_t* out = weights + (tile * blocks + bl) * groups * stride;
+      std::memset(out, 0, groups * stride);
       uint16_t* line = params + (tile * blocks + bl) * 2 * kLanes;
       for (int64_t j = 0; j < kLanes; j++) {
         const int64_t column = tile * kLanes + j;
-        const uint8_t* src = b + (column * blocks + bl) * (block / 2);
         uint8_t level[256];  // block ≤ 256: eligible() in int4_kernel.py
-        for (int64_t i = 0; i < block / 2; i++) level[2 * i] = src[i] & 15, level[2 * i + 1] = src[i] >> 4;
+        if (bits == 4) {
+          const uint8_t* src = b + (column * blocks + bl) * (block / 2);
+          for (int64_t i = 0; i < block / 2; i++) level[2 * i] = src[i] & 15, level[2 * i + 1] = src[i] >> 4;
+        } else {
+          std::memcpy(level, b + (column * blocks + bl) * block, block);
+        }
         for (int64_t g = 0; g < groups; g++)
-          for (int i = 0; i < 4; i++)
-            out[g * 64 + j * 4 + i] = static_cast<uint8_t>(level[8 * g + i] | (level[8 * g + 4 + i] << 4));
+          for (int i = 0; i < 4; i++) {
+            const int at = j * 4 + i;
+            const uint8_t first = level[8 * g + i], second = level[8 * g + 4 + i];
+            out[g * stride + at] = static_cast<uint8_t>((first & 15) | ((second & 15) << 4));
+            if (bits == 6)
+              out[g * stride + 64 + at % 32] |=
+                  static_cast<uint8_t>(((first >> 4) | ((second >> 4) << 2)) << (at / 32 * 4));
+          }
         line[j] = scales[column * blocks + bl];
         line[kLanes + j] = zeros[column * blocks + bl];
       }
