@@ -4,8 +4,8 @@ Each MatMul's blocks are fitted by export/block_fit.py (a search of scale and ze
 MatMulNBits's layout here; onnxruntime's quantizer, plain rounding to nearest, does only the embedding table.
 Defaults come from measurement (shared/MODELS.md, our parity reports, the top README): zero points (asymmetric) keep
 top-1 agreement near 0.97 on the 0.5B where symmetric drops to 0.85, at the same decode speed; the block size and
-the MatMuls kept at 8 (or 6) bits are each catalog model's recipe. Quantizing the embedding Gather too keeps the 1.5B near
-1 GB; fp32 embeddings alone are 0.93 GB.
+the MatMuls kept at 8 (or 6) bits are each catalog model's recipe. Quantizing the embedding Gather too keeps the 1.5B
+near 1 GB; fp32 embeddings alone are 0.93 GB.
 """
 
 from __future__ import annotations
