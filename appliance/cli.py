@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits compute type: 4 = int8 activations (fastest on CPU)")
     p.add_argument("--fp32-embedding", action="store_true", help="keep the embedding table unquantized")
-    p.add_argument("--int8-layers", help="comma-separated MatMuls kept at 8 bits (lm_head,qkv_proj,down_proj), "
+    p.add_argument("--int8-layers", help="comma-separated MatMuls kept wider than int4 (lm_head,qkv_proj,down_proj), "
                    "or none; default: the catalog's recipe for catalog models, none otherwise")
     p.add_argument("--int8-layers-bits", type=int, choices=[6, 8],
                    help="their levels: 8, or 6 (stored as 8-bit MatMulNBits, read at 6 bits by r1box's x86 kernel); "
