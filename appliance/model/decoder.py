@@ -95,7 +95,7 @@ class Decoder:
         return ort.InferenceSession(str(self.manifest.graph_path), self._options(), providers=[PROVIDERS[provider]])
 
     def _int4_session(self, provider: str) -> ort.InferenceSession:
-        rewritten = int4_kernel.rewrite(self.manifest.graph_path)
+        rewritten = int4_kernel.rewrite(self.manifest.graph_path, six_bit=self.manifest.six_bit_layers)
         library = int4_kernel.built_library()
         session = self._rewritten_session(provider, rewritten, library)
         self.int4_matmuls, self.int4_path = rewritten.matmuls, int4_kernel.library_path(library)

@@ -174,12 +174,14 @@ class Rewritten:
     rounded: int = 0  # MatMuls whose scales or zero points fp16 could not hold exactly
 
 
-def eligible(attrs: dict, inputs: int) -> bool:
-    """MatMulNBits nodes this op computes exactly as onnxruntime would: 4 bits (or 8 bits whose levels are all below
-    64, which rewrite() checks: read at 6), int8 activations, whole blocks of a multiple of 16 along K (up to 256),
-    tiles of 16 columns, zero points (whole or float) or none, no bias or group index."""
+def eligible(attrs: dict, inputs: int, six_bit: bool = False) -> bool:
+    """MatMulNBits nodes this op computes exactly as onnxruntime would: 4 bits (or, in an artifact whose wide layers
+    are 6-bit, 8 bits whose levels are all below 64, which rewrite() checks: read at 6), int8 activations, whole
+    blocks of a multiple of 16 along K (up to 256), tiles of 16 columns, zero points (whole or float) or none, no
+    bias or group index."""
     k, n, block = attrs.get("K", 0), attrs.get("N", 0), attrs.get("block_size", 0)
-    return (attrs.get("bits", 4) in (4, 8) and attrs.get("accuracy_level", 0) == 4 and inputs in (3, 4)
+    return (attrs.get("bits", 4) in ((4, 8) if six_bit else (4,)) and attrs.get("accuracy_level", 0) == 4
+            and inputs in (3, 4)
             and 16 <= block <= 256 and block % 16 == 0 and k % block == 0 and n % LANES == 0 and n > 0)
 
 
@@ -225,8 +227,9 @@ def fp16_exact(values: np.ndarray) -> bool:
     return bool(np.array_equal(values.astype(np.float16).astype(np.float32), values))
 
 
-def rewrite(graph_path: Path) -> Rewritten:
-    """The graph at graph_path with its eligible MatMulNBits as MatMulInt4, their weights repacked."""
+def rewrite(graph_path: Path, six_bit: bool = False) -> Rewritten:
+    """The graph at graph_path with its eligible MatMulNBits as MatMulInt4, their weights repacked. six_bit: the
+    artifact's 8-bit MatMulNBits hold 6-bit levels (its manifest says so); others' real 8-bit weights are not read."""
     import onnx
     from onnx import helper
 
@@ -237,7 +240,8 @@ def rewrite(graph_path: Path) -> Rewritten:
     nodes = []
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if not (node.op_type == "MatMulNBits" and node.domain == "com.microsoft" and eligible(attrs, len(node.input))
+        if not (node.op_type == "MatMulNBits" and node.domain == "com.microsoft"
+                and eligible(attrs, len(node.input), six_bit)
                 and all(name in tensors for name in node.input[1:])
                 and tensors[node.input[1]].data_location == onnx.TensorProto.EXTERNAL
                 and (len(node.input) < 4 or tensors[node.input[3]].data_type in (onnx.TensorProto.UINT8,

@@ -87,6 +87,12 @@ class Manifest:
         """MatMuls holding a GGUF's own Q4_K blocks, with float zero points (export/gguf_blocks.py)."""
         return self.raw.get("quantization", {}).get("gguf_blocks_kept", 0)
 
+    @property
+    def six_bit_layers(self) -> bool:
+        """Whether the MatMuls kept wider than int4 hold 6-bit levels in 8-bit MatMulNBits (export's
+        int8_layers_bits), which r1box's int4 kernel reads at 6 bits."""
+        return self.raw.get("quantization", {}).get("int8_layers_bits") == 6
+
 
 def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
     directory = Path(directory)
